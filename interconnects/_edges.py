@@ -1,0 +1,91 @@
+"""Edge weights and argument checks shared by the interconnects."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a positive (or non-negative) number."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name}={value!r} is out of range; it must be a number {'≥ 0' if allow_zero else '> 0'}")
+
+
+def check_fmap(fmap) -> None:
+    """Raise ``ValueError`` unless ``fmap`` is a 4-D ``[B, C, h, w]`` tensor."""
+    if not isinstance(fmap, Tensor) or fmap.dim() != 4:
+        shape = tuple(fmap.shape) if isinstance(fmap, Tensor) else type(fmap).__name__
+        raise ValueError(f"fmap must be a 4-D tensor [B, C, h, w], got {shape}")
+
+
+def grid_positions(h: int, w: int, device=None, dtype=torch.float32) -> Tensor:
+    """``[h·w, 2]`` (row, col) of every cell in row-major order."""
+    rows = torch.arange(h, device=device, dtype=dtype).repeat_interleave(w)
+    cols = torch.arange(w, device=device, dtype=dtype).repeat(h)
+    return torch.stack([rows, cols], dim=-1)
+
+
+def pairwise_distance(pos: Tensor, scale: float = 1.0) -> Tensor:
+    """Euclidean distances ``[..., N, N]`` between positions ``[..., N, 2]`` (times ``scale``)."""
+    diff = (pos.unsqueeze(-2) - pos.unsqueeze(-3)) * scale
+    return diff.pow(2).sum(-1).sqrt()
+
+
+def distance_weights(
+    dist: Tensor, scheme: str, sigma: float = 1.0, cutoff: float = 0.01, squared: bool = True
+) -> Tensor:
+    """Edge weights from distances ``[..., N, N]``.
+
+    ``inverse_distance``: ``1 / (1 + d)`` (a complete graph);
+    ``gaussian``: ``exp(-d² / σ²)`` (or ``exp(-d / σ²)`` with ``squared=False``), weights below
+    ``cutoff`` set to 0.
+    """
+    if scheme == "inverse_distance":
+        return 1.0 / (1.0 + dist)
+    if scheme == "gaussian":
+        weight = torch.exp(-(dist.pow(2) if squared else dist) / sigma**2)
+        return weight.masked_fill(weight < cutoff, 0.0)
+    raise ValueError(f"edges={scheme!r} has no distance weighting; use 'inverse_distance' or 'gaussian'")
+
+
+def knn_mask(dist: Tensor, k: int, include_self: bool) -> Tensor:
+    """``[..., N, N]`` 0/1 mask keeping, for each row, the ``k`` smallest distances."""
+    if not include_self:
+        eye = torch.eye(dist.shape[-1], dtype=torch.bool, device=dist.device)
+        dist = dist.masked_fill(eye, float("inf"))
+    idx = dist.topk(k, dim=-1, largest=False).indices
+    return torch.zeros_like(dist).scatter_(-1, idx, 1.0)
+
+
+def set_self_loops(adj: Tensor, weight: float | None) -> Tensor:
+    """Set the diagonal of ``adj [..., N, N]`` to ``weight``; ``None`` keeps it as it is."""
+    if weight is None:
+        return adj
+    eye = torch.eye(adj.shape[-1], dtype=torch.bool, device=adj.device)
+    return adj.masked_fill(eye, weight)
+
+
+def normalize_symmetric(adj: Tensor, eps: float = 1e-5) -> Tensor:
+    """Kipf–Welling normalisation ``D^-1/2 A D^-1/2`` of ``adj [..., N, N]``.
+
+    Degrees are row sums of ``|A|``, so a learned adjacency with negative weights keeps its signs.
+    """
+    inv_sqrt = (adj.abs().sum(-1) + eps).pow(-0.5)
+    return inv_sqrt.unsqueeze(-1) * adj * inv_sqrt.unsqueeze(-2)
+
+
+def normalize_sparse(edge_index: Tensor, edge_weight: Tensor, num_nodes: int, eps: float = 1e-5) -> Tensor:
+    """The same normalisation for ``edge_index [2, E]`` / ``edge_weight [E]`` over ``num_nodes`` flat nodes."""
+    src, dst = edge_index
+    deg = torch.zeros(num_nodes, dtype=edge_weight.dtype, device=edge_weight.device)
+    deg.index_add_(0, dst, edge_weight)
+    inv_sqrt = (deg + eps).pow(-0.5)
+    return inv_sqrt[src] * edge_weight * inv_sqrt[dst]

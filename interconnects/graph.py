@@ -1,0 +1,135 @@
+"""GraphBatch: the contract between a CNN → graph interconnect and everything after it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class GraphBatch:
+    """A batch of graphs made from a batch of feature maps, with a fixed node count per image.
+
+    Attributes:
+        x: node features ``[B, N, C]``.
+        pos: node positions ``[B, N, 2]`` as float (row, col) in feature-map cells.
+        size: the feature map's ``(h, w)``.
+        adj: dense adjacency ``[B, N, N]``, or ``[1, N, N]`` when every image shares it.
+            ``adj[b, i, j]`` is the weight of the edge ``j → i`` (a message from ``j`` into ``i``),
+            so ``adj @ x`` aggregates each node's in-neighbours.
+        edge_index: ``[2, E]`` (source, target) over flat node ids ``b·N + n``.
+        edge_weight: ``[E]``, one weight per column of ``edge_index``.
+
+    At least one of ``adj`` and ``edge_index`` is set; :meth:`dense_adj` and :meth:`sparse_edges`
+    give either view. The dense view of ``x`` is free and the flat ``[B·N, C]`` view is a reshape.
+    """
+
+    x: Tensor
+    pos: Tensor
+    size: tuple[int, int]
+    adj: Tensor | None = None
+    edge_index: Tensor | None = None
+    edge_weight: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.dim() != 3:
+            raise ValueError(f"GraphBatch.x must be [B, N, C], got shape {tuple(self.x.shape)}")
+        if self.pos.shape != (*self.x.shape[:2], 2):
+            raise ValueError(
+                f"GraphBatch.pos must be [B, N, 2] = {(*self.x.shape[:2], 2)}, got {tuple(self.pos.shape)}"
+            )
+        if self.adj is None and self.edge_index is None:
+            raise ValueError("GraphBatch needs edges: give adj [B|1, N, N] or edge_index [2, E]")
+        if self.adj is not None:
+            n = self.x.shape[1]
+            if self.adj.dim() != 3 or self.adj.shape[1:] != (n, n) or self.adj.shape[0] not in (1, self.x.shape[0]):
+                raise ValueError(
+                    f"GraphBatch.adj must be [B, N, N] or [1, N, N] with B={self.x.shape[0]}, N={n}; "
+                    f"got {tuple(self.adj.shape)}"
+                )
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes per graph, N."""
+        return self.x.shape[1]
+
+    @property
+    def num_channels(self) -> int:
+        return self.x.shape[2]
+
+    # ---- views -----------------------------------------------------------------------------
+    def replace(self, **changes) -> "GraphBatch":
+        """A copy with some fields replaced, e.g. ``graph.replace(x=new_x)`` after a GNN layer."""
+        return dataclasses.replace(self, **changes)
+
+    def flat_x(self) -> Tensor:
+        """Node features as ``[B·N, C]``, the layout torch_geometric layers take."""
+        return self.x.reshape(-1, self.x.shape[-1])
+
+    def batch_vector(self) -> Tensor:
+        """``[B·N]`` graph id of each flat node."""
+        return torch.arange(self.batch_size, device=self.x.device).repeat_interleave(self.num_nodes)
+
+    def cell_index(self) -> Tensor:
+        """``[B, N]`` long: the row-major cell ``row·w + col`` each node sits in."""
+        rc = self.pos.round().long()
+        return rc[..., 0] * self.size[1] + rc[..., 1]
+
+    def dense_adj(self) -> Tensor:
+        """Dense adjacency, ``[B, N, N]`` or the shared ``[1, N, N]``."""
+        if self.adj is not None:
+            return self.adj
+        b, n = self.batch_size, self.num_nodes
+        weight = self.edge_weight
+        if weight is None:
+            weight = torch.ones(self.edge_index.shape[1], dtype=self.x.dtype, device=self.x.device)
+        src, dst = self.edge_index
+        adj = torch.zeros(b * n * n, dtype=weight.dtype, device=weight.device)
+        # flat id of (graph, target row, source col); index_put with accumulate sums duplicate edges
+        graph = dst // n
+        adj.index_put_((graph * n * n + (dst % n) * n + (src % n),), weight, accumulate=True)
+        return adj.view(b, n, n)
+
+    def sparse_edges(self) -> tuple[Tensor, Tensor]:
+        """``(edge_index [2, E], edge_weight [E])`` over flat node ids ``b·N + n``.
+
+        A shared ``[1, N, N]`` adjacency is expanded to every graph of the batch.
+        """
+        if self.edge_index is not None:
+            weight = self.edge_weight
+            if weight is None:
+                weight = torch.ones(self.edge_index.shape[1], dtype=self.x.dtype, device=self.x.device)
+            return self.edge_index, weight
+        adj = self.adj
+        b, n = self.batch_size, self.num_nodes
+        graph, dst, src = adj.nonzero(as_tuple=True)
+        weight = adj[graph, dst, src]
+        if adj.shape[0] == 1 and b > 1:
+            offsets = (torch.arange(b, device=adj.device) * n).repeat_interleave(src.numel())
+            src, dst = src.repeat(b) + offsets, dst.repeat(b) + offsets
+            weight = weight.repeat(b)
+        else:
+            src, dst = src + graph * n, dst + graph * n
+        return torch.stack([src, dst]), weight
+
+    def to_pyg(self):
+        """torch_geometric ``Batch`` with flat ``x``, ``edge_index``, ``edge_weight``, ``pos`` and ``batch``."""
+        from torch_geometric.data import Batch
+
+        edge_index, edge_weight = self.sparse_edges()
+        return Batch(
+            x=self.flat_x(),
+            edge_index=edge_index,
+            edge_weight=edge_weight,
+            pos=self.pos.reshape(-1, 2),
+            batch=self.batch_vector(),
+            ptr=torch.arange(self.batch_size + 1, device=self.x.device) * self.num_nodes,
+        )

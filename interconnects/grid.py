@@ -1,0 +1,135 @@
+"""DenseGrid: every feature-map cell becomes a node."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._edges import (
+    check_choice,
+    check_fmap,
+    check_positive,
+    distance_weights,
+    grid_positions,
+    normalize_sparse,
+    normalize_symmetric,
+    pairwise_distance,
+    set_self_loops,
+)
+from .graph import GraphBatch
+
+GRID_EDGES = ("inverse_distance", "gaussian", "grid4", "grid8", "learned")
+
+
+class DenseGrid(nn.Module):
+    """CNN → graph with one node per cell: ``fmap [B, C, h, w] -> GraphBatch`` with ``N = h·w``.
+
+    Node ``n`` sits at cell ``(n // w, n % w)`` and carries ``fmap[:, :, n // w, n % w]``.
+
+    Args:
+        edges: ``inverse_distance`` (complete graph, ``w = 1 / (1 + d)``), ``gaussian``
+            (``exp(-d² / σ²)``, weights under ``cutoff`` dropped), ``grid4`` / ``grid8`` (the 4 or 8
+            neighbouring cells, weight 1), or ``learned`` (an MLP over the two cells' standardised
+            coordinates predicts each weight, shared by all images and trained with the model).
+        sigma: width of the Gaussian, in cells (times ``coord_scale``).
+        cutoff: Gaussian weights below this are set to 0.
+        squared: Gaussian of the squared distance (``True``) or of the distance itself.
+        coord_scale: distances are measured in cells times this (``1/28`` measures a 28-wide map in
+            units of its width).
+        self_loop_weight: the weight put on the diagonal; ``None`` keeps the scheme's own
+            (1 for distance schemes, none for ``grid4``/``grid8``, predicted for ``learned``).
+        normalize: apply the symmetric degree normalisation ``D^-1/2 A D^-1/2``.
+        hidden: width of the ``learned`` edge MLP.
+
+    The edges do not depend on the image: distance schemes give a shared ``adj [1, N, N]`` built
+    once per map size; ``grid4``/``grid8`` give ``edge_index``/``edge_weight`` over the batch.
+    """
+
+    def __init__(
+        self,
+        edges: str = "inverse_distance",
+        sigma: float = 1.0,
+        cutoff: float = 0.01,
+        squared: bool = True,
+        coord_scale: float = 1.0,
+        self_loop_weight: float | None = 1.0,
+        normalize: bool = False,
+        hidden: int = 64,
+    ) -> None:
+        super().__init__()
+        check_choice("edges", edges, GRID_EDGES)
+        check_positive("sigma", sigma)
+        check_positive("cutoff", cutoff, allow_zero=True)
+        check_positive("coord_scale", coord_scale)
+        if self_loop_weight is not None:
+            check_positive("self_loop_weight", self_loop_weight, allow_zero=True)
+        self.edges = edges
+        self.sigma, self.cutoff, self.squared, self.coord_scale = sigma, cutoff, squared, coord_scale
+        self.self_loop_weight = self_loop_weight
+        self.normalize = normalize
+        self.edge_mlp = (
+            nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Tanh())
+            if edges == "learned"
+            else None
+        )
+        self._cache: dict = {}
+
+    def extra_repr(self) -> str:
+        return f"edges={self.edges!r}, self_loop_weight={self.self_loop_weight}, normalize={self.normalize}"
+
+    def forward(self, fmap: Tensor) -> GraphBatch:
+        """``fmap [B, C, h, w]`` → GraphBatch with ``x [B, h·w, C]``, ``pos [B, h·w, 2]``."""
+        check_fmap(fmap)
+        b, c, h, w = fmap.shape
+        x = fmap.flatten(2).transpose(1, 2)
+        pos = grid_positions(h, w, fmap.device, torch.float32).expand(b, -1, -1)
+        if self.edges == "learned":
+            return GraphBatch(x=x, pos=pos, size=(h, w), adj=self._learned_adj(h, w, fmap))
+        key = (h, w, fmap.device, fmap.dtype)
+        if key not in self._cache:
+            self._cache[key] = self._build(h, w, fmap.device, fmap.dtype)
+        edges = self._cache[key]
+        if isinstance(edges, Tensor):
+            return GraphBatch(x=x, pos=pos, size=(h, w), adj=edges)
+        edge_index, edge_weight = edges
+        offsets = (torch.arange(b, device=fmap.device) * (h * w)).repeat_interleave(edge_index.shape[1])
+        edge_index = edge_index.repeat(1, b) + offsets
+        return GraphBatch(x=x, pos=pos, size=(h, w), edge_index=edge_index, edge_weight=edge_weight.repeat(b))
+
+    def _build(self, h: int, w: int, device, dtype):
+        pos = grid_positions(h, w, device, torch.float32)
+        if self.edges in ("grid4", "grid8"):
+            return self._neighbour_edges(pos, h * w, dtype)
+        dist = pairwise_distance(pos, self.coord_scale)
+        adj = distance_weights(dist, self.edges, self.sigma, self.cutoff, self.squared)
+        adj = set_self_loops(adj, self.self_loop_weight)
+        if self.normalize:
+            adj = normalize_symmetric(adj)
+        return adj.to(dtype).unsqueeze(0)
+
+    def _neighbour_edges(self, pos: Tensor, n: int, dtype) -> tuple[Tensor, Tensor]:
+        offset = (pos.unsqueeze(1) - pos.unsqueeze(0)).abs()  # [N, N, 2]
+        dr, dc = offset[..., 0], offset[..., 1]
+        neighbour = (dr + dc == 1) if self.edges == "grid4" else (dr.maximum(dc) == 1)
+        dst, src = neighbour.nonzero(as_tuple=True)
+        weight = torch.ones(src.numel(), device=pos.device)
+        if self.self_loop_weight:
+            loops = torch.arange(n, device=pos.device)
+            src, dst = torch.cat([src, loops]), torch.cat([dst, loops])
+            weight = torch.cat([weight, torch.full((n,), float(self.self_loop_weight), device=pos.device)])
+        edge_index = torch.stack([src, dst])
+        if self.normalize:
+            weight = normalize_sparse(edge_index, weight, n)
+        return edge_index, weight.to(dtype)
+
+    def _learned_adj(self, h: int, w: int, fmap: Tensor) -> Tensor:
+        pos = grid_positions(h, w, fmap.device, torch.float32)
+        if h * w > 1:
+            pos = (pos - pos.mean(0)) / (pos.std(0, unbiased=False) + 1e-5)
+        n = h * w
+        pairs = torch.cat([pos.unsqueeze(0).expand(n, n, 2), pos.unsqueeze(1).expand(n, n, 2)], dim=-1)
+        adj = self.edge_mlp(pairs.to(self.edge_mlp[0].weight.dtype)).squeeze(-1)
+        adj = set_self_loops(adj, self.self_loop_weight)
+        if self.normalize:
+            adj = normalize_symmetric(adj)
+        return adj.to(fmap.dtype).unsqueeze(0)

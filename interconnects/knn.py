@@ -1,0 +1,117 @@
+"""KNNGraph: every cell a node, edges to its k nearest neighbours in feature space."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._edges import check_choice, check_fmap, check_positive, grid_positions
+from .graph import GraphBatch
+
+KNN_METRICS = ("euclidean", "cosine")
+KNN_WEIGHTS = ("ones", "gaussian", "inverse_distance")
+
+
+def knn_indices(
+    x: Tensor, k: int, metric: str = "euclidean", dilation: int = 1, self_loops: bool = False, max_bytes: int = 2**28
+) -> Tensor:
+    """Indices ``[B, N, k]`` of each node's ``k`` nearest nodes of the same image, nearest first.
+
+    Args:
+        x: node features ``[B, N, C]``.
+        dilation: take the ``k·dilation`` nearest and keep every ``dilation``-th (Vision GNN).
+        self_loops: let a node count as its own neighbour.
+        max_bytes: rows of the ``[B, N, N]`` distance matrix are processed in chunks that fit this.
+
+    Computed without gradient: neighbour choice is not differentiable.
+    """
+    b, n, _ = x.shape
+    with torch.no_grad():
+        feats = x.float()
+        if metric == "cosine":
+            feats = nn.functional.normalize(feats, dim=-1)
+        sq = feats.pow(2).sum(-1)  # [B, N]
+        rows_per_chunk = max(1, max_bytes // (4 * b * n))
+        chunks = []
+        for start in range(0, n, rows_per_chunk):  # a loop over row chunks bounds memory for large N
+            stop = min(n, start + rows_per_chunk)
+            q = feats[:, start:stop]
+            if metric == "cosine":
+                dist = -torch.bmm(q, feats.transpose(1, 2))
+            else:
+                dist = sq[:, start:stop, None] - 2 * torch.bmm(q, feats.transpose(1, 2)) + sq[:, None, :]
+            if not self_loops:
+                rows = torch.arange(start, stop, device=x.device)
+                dist[:, rows - start, rows] = float("inf")
+            chunks.append(dist.topk(k * dilation, dim=-1, largest=False).indices[..., ::dilation])
+        return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
+
+
+class KNNGraph(nn.Module):
+    """CNN → graph joining each cell to its ``k`` nearest cells in feature space: ``fmap -> GraphBatch``.
+
+    ``N = h·w``, node ``n`` at cell ``(n // w, n % w)`` as in :class:`DenseGrid`. Each node ``i``
+    receives an edge ``j → i`` from each of its neighbours ``j``; ``edge_index [2, B·N·k]``.
+
+    Args:
+        k: neighbours per node (1 ≤ k·dilation ≤ N - 1, or ≤ N with ``self_loops``).
+        metric: ``euclidean`` or ``cosine`` distance between node features.
+        dilation: take the ``k·dilation`` nearest and keep every ``dilation``-th (Vision GNN).
+        self_loops: let a node be its own neighbour.
+        edge_weight: ``ones``, or weights from the feature distance with gradient (``gaussian``:
+            ``exp(-d² / σ²)``, ``inverse_distance``: ``1 / (1 + d)``).
+        sigma: width of the ``gaussian`` edge weight.
+        max_bytes: memory bound of one chunk of the distance matrix.
+    """
+
+    def __init__(
+        self,
+        k: int = 8,
+        metric: str = "euclidean",
+        dilation: int = 1,
+        self_loops: bool = False,
+        edge_weight: str = "ones",
+        sigma: float = 1.0,
+        max_bytes: int = 2**28,
+    ) -> None:
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} is out of range; it must be an integer ≥ 1 and below the node count")
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"dilation={dilation!r} is out of range; it must be an integer ≥ 1")
+        check_choice("metric", metric, KNN_METRICS)
+        check_choice("edge_weight", edge_weight, KNN_WEIGHTS)
+        check_positive("sigma", sigma)
+        self.k, self.metric, self.dilation, self.self_loops = k, metric, dilation, self_loops
+        self.edge_weight, self.sigma, self.max_bytes = edge_weight, sigma, max_bytes
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, metric={self.metric!r}, dilation={self.dilation}, self_loops={self.self_loops}"
+
+    def forward(self, fmap: Tensor) -> GraphBatch:
+        """``fmap [B, C, h, w]`` → GraphBatch with ``x [B, h·w, C]`` and ``edge_index [2, B·h·w·k]``."""
+        check_fmap(fmap)
+        b, c, h, w = fmap.shape
+        n = h * w
+        limit = n if self.self_loops else n - 1
+        if self.k * self.dilation > limit:
+            raise ValueError(
+                f"k={self.k} (× dilation={self.dilation}) is out of range for a {h}×{w} map with N={n} nodes; "
+                f"k·dilation must be in [1, {limit}]"
+            )
+        x = fmap.flatten(2).transpose(1, 2)
+        nbr = knn_indices(x, self.k, self.metric, self.dilation, self.self_loops, self.max_bytes)  # [B, N, k]
+        offsets = (torch.arange(b, device=fmap.device) * n).view(b, 1, 1)
+        src = (nbr + offsets).flatten()
+        dst = (torch.arange(n, device=fmap.device).view(1, n, 1) + offsets).expand(b, n, self.k).flatten()
+        if self.edge_weight == "ones":
+            weight = torch.ones(src.numel(), dtype=fmap.dtype, device=fmap.device)
+        else:
+            flat = x.reshape(b * n, c)
+            dist_sq = (flat[src] - flat[dst]).pow(2).sum(-1)
+            if self.edge_weight == "gaussian":
+                weight = torch.exp(-dist_sq / self.sigma**2)
+            else:
+                weight = 1.0 / (1.0 + dist_sq.clamp_min(1e-12).sqrt())
+        pos = grid_positions(h, w, fmap.device).expand(b, -1, -1)
+        return GraphBatch(x=x, pos=pos, size=(h, w), edge_index=torch.stack([src, dst]), edge_weight=weight)
