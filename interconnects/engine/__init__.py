@@ -1,0 +1,1 @@
+"""The engine: training loop, checkpoints, logging, and the train / evaluate entry points."""

@@ -1,0 +1,1 @@
+"""Model parts: backbones, GNN heads, decoders, task heads, and the hybrid model that joins them."""

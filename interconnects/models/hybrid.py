@@ -1,0 +1,130 @@
+"""The hybrid model (backbone → interconnect → GNN → decoder → head) and its builder."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be built; the message names the key and what is accepted."""
+
+
+class ClassifierHead(nn.Module):
+    """Features → class logits: ``[B, C, h, w]`` (global average pool first) or ``[B, C]`` → ``[B, classes]``."""
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.fc = nn.Linear(in_features, num_classes, bias=bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.dim() == 4:
+            features = features.mean(dim=(2, 3))
+        return self.fc(self.dropout(features))
+
+
+class HybridModel(nn.Module):
+    """``image [B, C, H, W] -> logits [B, classes]`` through a graph made from the CNN's feature map.
+
+    With ``interconnect=None`` there is no graph: the backbone's feature map goes straight to the
+    decoder and head (the CNN baseline every hybrid is compared with).
+    """
+
+    def __init__(self, backbone: nn.Module, interconnect: nn.Module | None, gnn: nn.Module | None,
+                 decoder: nn.Module, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone, self.interconnect, self.gnn, self.decoder = backbone, interconnect, gnn, decoder
+        self.head = head if head is not None else nn.Identity()
+
+    def graph(self, image: Tensor, **interconnect_inputs):
+        """``image -> (fmap [B, C', h, w], GraphBatch after the GNN or None)``."""
+        fmap = self.backbone(image)
+        if self.interconnect is None:
+            return fmap, None
+        graph = self.interconnect(fmap, **interconnect_inputs)
+        if self.gnn is not None:
+            graph = self.gnn(graph)
+        return fmap, graph
+
+    def features(self, image: Tensor, **interconnect_inputs) -> Tensor:
+        """``image -> decoder features`` (``[B, C'', h, w]`` or ``[B, D]``)."""
+        fmap, graph = self.graph(image, **interconnect_inputs)
+        return self.decoder(graph, fmap)
+
+    def forward(self, image: Tensor, **interconnect_inputs) -> Tensor:
+        return self.head(self.features(image, **interconnect_inputs))
+
+
+def _plain(node) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def build_part(group: str, node: Mapping[str, Any] | None, **inferred):
+    """Build a ``_target_`` config node, adding each inferred keyword its class accepts and the node
+    does not set. Errors become one-line :class:`ConfigError` naming ``group`` and the key."""
+    if node is None:
+        return None
+    kwargs = _plain(node)
+    kwargs.pop("_partial_", None)
+    target = kwargs.pop("_target_", None)
+    if target is None:
+        return None
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(target)
+    except Exception as exc:
+        raise ConfigError(f"{group}._target_={target!r} cannot be imported ({exc})") from None
+    params = inspect.signature(cls).parameters
+    unknown = [k for k in kwargs if k not in params]
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        accepted = ", ".join(k for k in params if k not in inferred and k != "self")
+        raise ConfigError(f"{group}.{unknown[0]} is not a setting of {cls.__name__}; accepted: {accepted}")
+    kwargs.update({k: v for k, v in inferred.items() if k in params and k not in kwargs})
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{group}: {exc}") from None
+
+
+def build_model(cfg, in_channels: int, image_size: tuple[int, int], num_classes: int) -> HybridModel:
+    """Build the model described by ``cfg.backbone/interconnect/gnn/decoder/task`` for images of
+    ``in_channels × image_size`` and ``num_classes`` classes. Channel counts and map sizes are
+    inferred stage by stage with a dummy forward pass, which also rejects impossible settings
+    (more keypoints than cells, k not below the node count) before any training starts."""
+    backbone = build_part("backbone", cfg.backbone, in_channels=in_channels)
+    dummy = torch.zeros(2, in_channels, *image_size)
+    backbone.eval()
+    with torch.no_grad():
+        fmap = backbone(dummy)
+    channels = fmap.shape[1]
+    interconnect = build_part("interconnect", cfg.interconnect, in_channels=channels, image_size=tuple(image_size))
+    gnn = build_part("gnn", cfg.gnn, in_channels=channels) if interconnect is not None else None
+    graph_channels = gnn.out_channels if gnn is not None else channels
+    decoder = build_part("decoder", cfg.decoder, graph_channels=graph_channels, fmap_channels=channels)
+    model = HybridModel(backbone, interconnect, gnn, decoder)
+    model.eval()
+    with torch.no_grad():
+        try:
+            features = model.features(dummy)
+        except ValueError as exc:
+            raise ConfigError(f"interconnect: {exc}") from None
+    head_cfg = dict(cfg.task.get("head", {}) or {})
+    try:
+        model.head = ClassifierHead(features.shape[1], num_classes, **head_cfg)
+    except TypeError as exc:
+        raise ConfigError(f"task.head: {exc}") from None
+    return model.train()
+
+
+def parameter_table(model: nn.Module) -> list[tuple[str, int]]:
+    """``[(stage, trainable parameter count)]`` for each top-level child, then the total."""
+    rows = [(name, sum(p.numel() for p in child.parameters() if p.requires_grad)) for name, child in model.named_children()]
+    rows.append(("total", sum(n for _, n in rows)))
+    return rows

@@ -1,0 +1,1 @@
+"""Tasks: what one training step computes and which metrics it reports."""
