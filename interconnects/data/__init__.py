@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
+
+from .tensors import ImageTensors, as_tensors, keep_batch
 
 DATASETS = ("mnist", "mnist_sample", "fashion_mnist", "cifar10", "cifar100")
 AUGMENT = ("none", "crop", "crop_flip")
@@ -98,7 +100,57 @@ def _missing_message(name: str, root: Path, cause: str) -> str:
     )
 
 
-def load_split(name: str, root: str | None, train: bool, download: bool, transform=None):
+# Downloads: a quick reachability probe first, so an offline machine fails in seconds instead of
+# waiting on each mirror; then every socket operation of the download has this timeout (seconds).
+PROBE_TIMEOUT = 5.0
+DOWNLOAD_TIMEOUT = 30.0
+
+
+def _download_urls(cls) -> list[str]:
+    return list(getattr(cls, "mirrors", None) or [getattr(cls, "url", "")])
+
+
+def _unreachable(urls: list[str], timeout: float = PROBE_TIMEOUT) -> str | None:
+    """``None`` if a TCP connection to one of ``urls`` (or to the proxy the environment sets for
+    it) opens within ``timeout`` seconds, else why not. Runs in daemon threads: a hanging name
+    lookup cannot hold the process."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    targets = []
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if not parts.hostname:
+            continue
+        proxy = proxies.get(parts.scheme) if not urllib.request.proxy_bypass(parts.hostname) else None
+        via = urllib.parse.urlsplit(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else parts
+        default = 443 if via.scheme == "https" else 80
+        targets.append((via.hostname, via.port or default))
+    if not targets:
+        return None
+    done, errors = threading.Event(), []
+
+    def probe(host, port):
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            done.set()
+        except OSError as exc:
+            errors.append(f"{host}:{port}: {exc.strerror or exc}")
+
+    threads = [threading.Thread(target=probe, args=t, daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    done.wait(timeout)
+    if done.is_set():
+        return None
+    host, port = targets[0]
+    return f"no network: {errors[0]}" if errors else f"no network: no connection to {host}:{port} within {timeout:g} s"
+
+
+def load_split(name: str, root: str | None, train: bool, download: bool):
     """The torchvision dataset ``name`` (train or test split) under ``root``.
 
     Raises :class:`DataMissingError` with where to put the files when it is absent and cannot be
@@ -114,36 +166,24 @@ def load_split(name: str, root: str | None, train: bool, download: bool, transfo
         if raw.is_dir():
             base = _unpack_gzip_raw(raw)
     try:
-        return cls(str(base), train=train, download=False, transform=transform)
+        return cls(str(base), train=train, download=False)
     except RuntimeError:
         if not download or name == "mnist_sample":
             raise DataMissingError(_missing_message(name, base, "data.download=false" if not download else "sample files missing")) from None
+    cause = _unreachable(_download_urls(cls))
+    if cause:
+        raise DataMissingError(_missing_message(name, base, cause))
+    import socket
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
-        return cls(str(base), train=train, download=True, transform=transform)
+        return cls(str(base), train=train, download=True)
     except Exception as exc:  # network errors come in many types
         cause = str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else type(exc).__name__
         raise DataMissingError(_missing_message(name, base, cause)) from None
-
-
-class AugmentedView(Dataset):
-    """Applies a random transform with randomness fixed by ``(seed, epoch, index)``.
-
-    Data augmentation then does not depend on worker count or on where a run was resumed.
-    """
-
-    def __init__(self, base, transform, seed: int) -> None:
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        image, label = self.base[index]
-        if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-                image = self.transform(image)
-        return image, label
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 class EpochBatches:
@@ -176,25 +216,13 @@ class DataBundle:
     train: DataLoader
     val: DataLoader
     test: DataLoader
-    train_view: AugmentedView
+    train_view: ImageTensors
     train_batches: EpochBatches
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's order and augmentation, resuming after ``start_batch`` batches."""
         self.train_view.epoch = epoch
         self.train_batches.epoch, self.train_batches.start = epoch, start_batch
-
-
-def _transforms(info: DataInfo, augment: str, padding: int):
-    from torchvision import transforms as T
-
-    normalize = [T.ToTensor(), T.Normalize(info.mean, info.std)]
-    aug = []
-    if augment in ("crop", "crop_flip"):
-        aug.append(T.RandomCrop(info.image_size, padding=padding))
-    if augment == "crop_flip":
-        aug.append(T.RandomHorizontalFlip())
-    return T.Compose(aug + normalize), T.Compose(normalize)
 
 
 def check_data_config(cfg) -> None:
@@ -214,22 +242,28 @@ def check_data_config(cfg) -> None:
 
 def build_data(cfg, seed: int) -> DataBundle:
     """Loaders for ``cfg`` (the ``data`` config). The validation split is carved from the training
-    set with its own seed ``data.split_seed``; training order and augmentation follow ``seed``."""
+    set with its own seed ``data.split_seed``; training order and augmentation follow ``seed``.
+
+    Images are decoded once by torchvision into uint8 tensors and served a batch at a time
+    (:class:`ImageTensors`), normalised with the dataset's mean and std.
+    """
     check_data_config(cfg)
     info = data_info(cfg.name)
-    train_tf, eval_tf = _transforms(info, cfg.augment, cfg.crop_padding)
-    train_full = load_split(cfg.name, cfg.root, True, cfg.download)
-    test = load_split(cfg.name, cfg.root, False, cfg.download, transform=eval_tf)
-    n = len(train_full)
+    train_images, train_labels = as_tensors(load_split(cfg.name, cfg.root, True, cfg.download))
+    test_images, test_labels = as_tensors(load_split(cfg.name, cfg.root, False, cfg.download))
+    n = len(train_labels)
     n_val = int(round(n * cfg.val_fraction))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
-    train_eval_view = AugmentedView(train_full, eval_tf, 0)
-    val = Subset(train_eval_view, perm[:n_val])
-    train_view = AugmentedView(Subset(train_full, perm[n_val:]), train_tf if cfg.augment != "none" else eval_tf, seed)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    stats = (info.mean, info.std)
+    train_view = ImageTensors(train_images[train_idx], train_labels[train_idx], *stats, cfg.augment, cfg.crop_padding, seed)
+    val = ImageTensors(train_images[val_idx], train_labels[val_idx], *stats)
+    test = ImageTensors(test_images, test_labels, *stats)
     batches = EpochBatches(len(train_view), cfg.batch_size, seed)
     eval_bs = cfg.eval_batch_size or max(cfg.batch_size, 256)
     # own generators: creating a loader's iterator then draws nothing from the global torch RNG
-    common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, generator=torch.Generator())
+    common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, generator=torch.Generator(),
+                  collate_fn=keep_batch)
     return DataBundle(
         info=info,
         train=DataLoader(train_view, batch_sampler=batches, **common),

@@ -1,0 +1,80 @@
+"""Image datasets held as one uint8 tensor, served a batch at a time with vectorised augmentation.
+
+MNIST, Fashion-MNIST and CIFAR fit in memory many times over; decoding them once and cropping,
+flipping and normalising whole batches with tensor ops is much faster than per-image PIL transforms,
+and the randomness of each batch is fixed by ``(seed, epoch, batch)`` so a run resumed mid-epoch sees
+exactly the augmentation an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+def as_tensors(dataset) -> tuple[Tensor, Tensor]:
+    """``(images uint8 [N, C, H, W], labels long [N])`` of a torchvision MNIST-like or CIFAR dataset."""
+    data = dataset.data
+    images = torch.from_numpy(np.asarray(data)) if not isinstance(data, Tensor) else data
+    if images.dim() == 3:  # MNIST: [N, H, W]
+        images = images.unsqueeze(1)
+    elif images.shape[-1] in (1, 3):  # CIFAR: [N, H, W, C]
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
+    return images.contiguous(), labels
+
+
+def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
+    """Random crops of ``images [B, C, H, W]`` after zero padding by ``padding`` (and random
+    horizontal flips), one draw per image, all in a few tensor ops."""
+    b, c, h, w = images.shape
+    out = images
+    if padding:
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator)
+        rows = (dy + torch.arange(h).view(1, h, 1)).expand(b, h, w)
+        cols = (dx + torch.arange(w).view(1, 1, w)).expand(b, h, w)
+        out = padded[torch.arange(b).view(b, 1, 1), :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(b, generator=generator) < 0.5
+        out = torch.where(mask.view(b, 1, 1, 1), out.flip(-1), out)
+    return out.contiguous()
+
+
+class ImageTensors(Dataset):
+    """``(images uint8 [N, C, H, W], labels [N])`` served normalised, with optional crop / flip.
+
+    ``__getitems__`` returns a whole batch ``(float images [B, C, H, W], labels [B])``; the random
+    draws of a batch depend only on ``(seed, epoch, first index of the batch)``.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, mean, std, augment: str = "none",
+                 padding: int = 0, seed: int = 0) -> None:
+        self.images, self.labels = images, labels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.augment, self.padding, self.seed, self.epoch = augment, padding, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index]
+        if self.augment != "none":
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index[0]))
+            images = random_crop_flip(images, self.padding if "crop" in self.augment else 0,
+                                      self.augment == "crop_flip", generator)
+        return (images.float().div_(255) - self.mean) / self.std, self.labels[index]
+
+    def __getitem__(self, index: int):
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
+
+
+def keep_batch(batch):
+    """``collate_fn`` for :class:`ImageTensors`: the batch comes ready-made from ``__getitems__``."""
+    return batch
