@@ -93,12 +93,17 @@ def build_part(group: str, node: Mapping[str, Any] | None, **inferred):
         raise ConfigError(f"{group}: {exc}") from None
 
 
-def build_model(cfg, in_channels: int, image_size: tuple[int, int], num_classes: int) -> HybridModel:
+def build_model(cfg, in_channels: int, image_size: tuple[int, int], num_classes: int,
+                backbone: nn.Module | None = None) -> HybridModel:
     """Build the model described by ``cfg.backbone/interconnect/gnn/decoder/task`` for images of
     ``in_channels × image_size`` and ``num_classes`` classes. Channel counts and map sizes are
     inferred stage by stage with a dummy forward pass, which also rejects impossible settings
-    (more keypoints than cells, k not below the node count) before any training starts."""
-    backbone = build_part("backbone", cfg.backbone, in_channels=in_channels)
+    (more keypoints than cells, k not below the node count) before any training starts.
+
+    ``backbone``: a ready module to use instead of ``cfg.backbone`` (any ``nn.Module`` with an
+    ``out_channels`` attribute)."""
+    if backbone is None:
+        backbone = build_part("backbone", cfg.backbone, in_channels=in_channels)
     dummy = torch.zeros(2, in_channels, *image_size)
     backbone.eval()
     with torch.no_grad():
