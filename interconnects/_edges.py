@@ -35,8 +35,15 @@ def grid_positions(h: int, w: int, device=None, dtype=torch.float32) -> Tensor:
 
 def pairwise_distance(pos: Tensor, scale: float = 1.0) -> Tensor:
     """Euclidean distances ``[..., N, N]`` between positions ``[..., N, 2]`` (times ``scale``)."""
-    diff = (pos.unsqueeze(-2) - pos.unsqueeze(-3)) * scale
-    return diff.pow(2).sum(-1).sqrt()
+    # one coordinate at a time: no [..., N, N, 2] intermediate and no reduction over a size-2 axis
+    r, c = pos[..., 0].contiguous(), pos[..., 1].contiguous()
+    dr = r.unsqueeze(-1) - r.unsqueeze(-2)
+    dc = c.unsqueeze(-1) - c.unsqueeze(-2)
+    if torch.is_grad_enabled() and pos.requires_grad:
+        dist = (dr * dr + dc * dc).sqrt()
+    else:
+        dist = dr.mul_(dr).addcmul_(dc, dc).sqrt_()
+    return dist if scale == 1.0 else dist * scale
 
 
 def distance_weights(
@@ -49,7 +56,7 @@ def distance_weights(
     ``cutoff`` set to 0.
     """
     if scheme == "inverse_distance":
-        return 1.0 / (1.0 + dist)
+        return (1.0 + dist).reciprocal_()
     if scheme == "gaussian":
         weight = torch.exp(-(dist.pow(2) if squared else dist) / sigma**2)
         return weight.masked_fill(weight < cutoff, 0.0)
@@ -86,6 +93,6 @@ def normalize_sparse(edge_index: Tensor, edge_weight: Tensor, num_nodes: int, ep
     """The same normalisation for ``edge_index [2, E]`` / ``edge_weight [E]`` over ``num_nodes`` flat nodes."""
     src, dst = edge_index
     deg = torch.zeros(num_nodes, dtype=edge_weight.dtype, device=edge_weight.device)
-    deg.index_add_(0, dst, edge_weight)
+    deg.index_add_(0, dst, edge_weight.abs())  # row sums of |A|, as in normalize_symmetric
     inv_sqrt = (deg + eps).pow(-0.5)
     return inv_sqrt[src] * edge_weight * inv_sqrt[dst]

@@ -43,6 +43,14 @@ class GraphBatch:
             )
         if self.adj is None and self.edge_index is None:
             raise ValueError("GraphBatch needs edges: give adj [B|1, N, N] or edge_index [2, E]")
+        if self.edge_index is not None:
+            if self.edge_index.dim() != 2 or self.edge_index.shape[0] != 2:
+                raise ValueError(f"GraphBatch.edge_index must be [2, E], got {tuple(self.edge_index.shape)}")
+            if self.edge_weight is not None and self.edge_weight.shape != (self.edge_index.shape[1],):
+                raise ValueError(
+                    f"GraphBatch.edge_weight must be [E] = ({self.edge_index.shape[1]},), "
+                    f"got {tuple(self.edge_weight.shape)}"
+                )
         if self.adj is not None:
             n = self.x.shape[1]
             if self.adj.dim() != 3 or self.adj.shape[1:] != (n, n) or self.adj.shape[0] not in (1, self.x.shape[0]):
@@ -121,15 +129,32 @@ class GraphBatch:
         return torch.stack([src, dst]), weight
 
     def to_pyg(self):
-        """torch_geometric ``Batch`` with flat ``x``, ``edge_index``, ``edge_weight``, ``pos`` and ``batch``."""
+        """torch_geometric ``Batch`` with flat ``x``, ``edge_index``, ``edge_weight``, ``pos`` and ``batch``.
+
+        Edges are grouped by graph (sorted stably when they are not already), and the batch carries
+        the slice bookkeeping of ``Batch.from_data_list``, so ``batch[i]`` and ``to_data_list()`` work.
+        """
         from torch_geometric.data import Batch
 
         edge_index, edge_weight = self.sparse_edges()
-        return Batch(
+        b, n, device = self.batch_size, self.num_nodes, self.x.device
+        graph = edge_index[1] // n  # the graph each edge belongs to
+        if graph.numel() > 1 and bool((graph[1:] < graph[:-1]).any()):
+            order = graph.argsort(stable=True)
+            edge_index, edge_weight, graph = edge_index[:, order], edge_weight[order], graph[order]
+        node_ptr = torch.arange(b + 1, device=device) * n
+        edge_ptr = torch.zeros(b + 1, dtype=torch.long, device=device)
+        edge_ptr[1:] = torch.bincount(graph, minlength=b).cumsum(0)
+        batch = Batch(
             x=self.flat_x(),
             edge_index=edge_index,
             edge_weight=edge_weight,
             pos=self.pos.reshape(-1, 2),
             batch=self.batch_vector(),
-            ptr=torch.arange(self.batch_size + 1, device=self.x.device) * self.num_nodes,
+            ptr=node_ptr,
         )
+        zeros = torch.zeros(b, dtype=torch.long, device=device)
+        batch._num_graphs = b
+        batch._slice_dict = {"x": node_ptr, "edge_index": edge_ptr, "edge_weight": edge_ptr, "pos": node_ptr}
+        batch._inc_dict = {"x": zeros, "edge_index": node_ptr[:-1], "edge_weight": zeros, "pos": zeros}
+        return batch

@@ -87,7 +87,10 @@ class DenseGrid(nn.Module):
             return GraphBatch(x=x, pos=pos, size=(h, w), adj=self._learned_adj(h, w, fmap))
         key = (h, w, fmap.device, fmap.dtype)
         if key not in self._cache:
-            self._cache[key] = self._build(h, w, fmap.device, fmap.dtype)
+            # built as ordinary tensors even when the first call runs under torch.inference_mode,
+            # so that later calls with autograd can save the cached edges for backward
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache[key] = self._build(h, w, fmap.device, fmap.dtype)
         edges = self._cache[key]
         if isinstance(edges, Tensor):
             return GraphBatch(x=x, pos=pos, size=(h, w), adj=edges)

@@ -106,27 +106,57 @@ class Keypoints(nn.Module):
         k = self.num_keypoints
         if k > h * w:
             raise ValueError(f"num_keypoints={k} is out of range for a {h}×{w} feature map; it must be in [1, {h * w}]")
-        flat = fmap.flatten(2).transpose(1, 2)  # [B, h·w, C]
-        gate = None
+        logit = None  # [B, K] score of each chosen cell, with gradient, for the top-k gate
         if self.select == "given":
             cells = self._cells_from_keypoints(keypoints, b, h, w)
         elif self.select == "topk":
-            if scores is None:
-                scores = self.score(fmap)
-            elif scores.shape != (b, 1, h, w):
-                raise ValueError(f"scores must be [B, 1, h, w] = {(b, 1, h, w)}, got {tuple(scores.shape)}")
-            flat_scores = scores.flatten(1)
-            cells = flat_scores.detach().topk(k, dim=1).indices
-            gate = torch.sigmoid(flat_scores.gather(1, cells)).unsqueeze(-1)
+            if scores is not None:
+                if scores.shape != (b, 1, h, w):
+                    raise ValueError(f"scores must be [B, 1, h, w] = {(b, 1, h, w)}, got {tuple(scores.shape)}")
+                cells = scores.detach().flatten(1).topk(k, dim=1).indices
+                logit = scores.flatten(1).gather(1, cells)
+            elif self._pointwise_score():
+                # a 1×1 conv to one channel is a dot product per cell: rank every cell without
+                # autograd, and score only the K chosen ones again with it (backward touches K cells)
+                weight = self.score.weight.view(1, 1, c)
+                with torch.no_grad():  # bmm reads [B, C, h·w] as it lies (matmul would copy it)
+                    rank = torch.bmm(weight.expand(b, 1, c), fmap.flatten(2).to(weight.dtype)).squeeze(1)
+                cells = rank.topk(k, dim=1).indices
+            else:
+                # the score conv runs in its own parameters' dtype (a float32 conv, lazily built or
+                # not, scores a float16/bfloat16 map); the gate is cast back to the map's dtype below
+                scores = self.score(fmap.to(self.score.weight.dtype))
+                cells = scores.detach().flatten(1).topk(k, dim=1).indices
+                logit = scores.flatten(1).gather(1, cells)
         elif self.select == "random" and self.training:
             cells = torch.rand(b, h * w, device=fmap.device).topk(k, dim=1).indices
         else:
             cells = lattice_cells(k, h, w, fmap.device).expand(b, -1)
-        x = flat.gather(1, cells.unsqueeze(-1).expand(-1, -1, c))
-        if gate is not None:
-            x = x * gate.to(x.dtype)
+        # gathered along the contiguous cell axis of [B, C, h·w]; x is its [B, K, C] view
+        x = fmap.flatten(2).gather(2, cells.unsqueeze(1).expand(-1, c, -1)).transpose(1, 2)
+        if self.select == "topk":
+            if logit is None:
+                weight, bias = self.score.weight.view(c, 1), self.score.bias
+                logit = torch.matmul(x.to(weight.dtype), weight).squeeze(-1)
+                if bias is not None:
+                    logit = logit + bias
+            x = x * torch.sigmoid(logit).unsqueeze(-1).to(x.dtype)
         pos = torch.stack([cells // w, cells % w], dim=-1).float()
         return GraphBatch(x=x, pos=pos, size=(h, w), adj=self._adjacency(pos).to(fmap.dtype))
+
+    def _pointwise_score(self) -> bool:
+        """Whether ``score`` is a built plain 1×1 convolution to one channel (a per-cell dot product)."""
+        conv = self.score
+        return (
+            type(conv) is nn.Conv2d
+            and not nn.parameter.is_lazy(conv.weight)
+            and conv.out_channels == 1
+            and conv.groups == 1
+            and conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.padding in ((0, 0), "valid")
+        )
 
     def _cells_from_keypoints(self, keypoints: Tensor | None, b: int, h: int, w: int) -> Tensor:
         if keypoints is None:
@@ -134,7 +164,10 @@ class Keypoints(nn.Module):
         if keypoints.dim() != 3 or keypoints.shape[-1] != 2:
             raise ValueError(f"keypoints must be [B, K, 2] (row, col), got {tuple(keypoints.shape)}")
         if keypoints.shape[0] != b:
-            raise ValueError(f"keypoints batch size {keypoints.shape[0]} differs from fmap's batch size {b}")
+            raise ValueError(
+                f"keypoints batch size {keypoints.shape[0]} differs from fmap's batch size {b}; "
+                f"keypoints must be [B, K, 2] with B = {b}"
+            )
         if keypoints.shape[1] != self.num_keypoints:
             raise ValueError(f"keypoints has {keypoints.shape[1]} points per image; num_keypoints={self.num_keypoints}")
         if keypoints.is_floating_point():

@@ -12,6 +12,26 @@ KNN_METRICS = ("euclidean", "cosine")
 KNN_WEIGHTS = ("ones", "gaussian", "inverse_distance")
 
 
+# Blocks of the distance matrix are sized to stay in cache (each is written once and read once by
+# topk); ``max_bytes`` stays the hard memory bound when it is smaller.
+_CACHE_BYTES = 2**23
+
+
+def _distance_blocks(b: int, n: int, max_bytes: int) -> list[tuple[int, int, int, int]]:
+    """``(image start, image stop, row start, row stop)`` blocks covering the ``[B, N, N]`` distances.
+
+    Whole images are grouped while a group's ``[g, N, N]`` float32 block fits the budget (one block
+    for small maps: the usual case); an image too large for it is cut into row blocks.
+    """
+    budget = max(1, min(max_bytes, _CACHE_BYTES))
+    per_image = 4 * n * n
+    if per_image <= budget:
+        group = budget // per_image
+        return [(i, min(b, i + group), 0, n) for i in range(0, b, group)]
+    rows = max(1, budget // (4 * n))
+    return [(i, i + 1, r, min(n, r + rows)) for i in range(b) for r in range(0, n, rows)]
+
+
 def knn_indices(
     x: Tensor, k: int, metric: str = "euclidean", dilation: int = 1, self_loops: bool = False, max_bytes: int = 2**28
 ) -> Tensor:
@@ -21,30 +41,45 @@ def knn_indices(
         x: node features ``[B, N, C]``.
         dilation: take the ``k·dilation`` nearest and keep every ``dilation``-th (Vision GNN).
         self_loops: let a node count as its own neighbour.
-        max_bytes: rows of the ``[B, N, N]`` distance matrix are processed in chunks that fit this.
+        max_bytes: the ``[B, N, N]`` distance matrix is processed in blocks of at most this many
+            bytes (and of at most 8 MiB, so that a block stays in cache).
 
     Computed without gradient: neighbour choice is not differentiable.
     """
     b, n, _ = x.shape
+    kd = k * dilation
     with torch.no_grad():
         feats = x.float()
         if metric == "cosine":
+            # the most similar unit vectors are the nearest: rank by the dot product, largest first
             feats = nn.functional.normalize(feats, dim=-1)
-        sq = feats.pow(2).sum(-1)  # [B, N]
-        rows_per_chunk = max(1, max_bytes // (4 * b * n))
-        chunks = []
-        for start in range(0, n, rows_per_chunk):  # a loop over row chunks bounds memory for large N
-            stop = min(n, start + rows_per_chunk)
-            q = feats[:, start:stop]
-            if metric == "cosine":
-                dist = -torch.bmm(q, feats.transpose(1, 2))
+            sq = None
+        else:
+            # distances do not change under a shift; centring each image keeps |a|² - 2a·b + |b|²
+            # from cancelling catastrophically on features with a large common part (post-ReLU maps)
+            feats = feats - feats.mean(1, keepdim=True)
+            # a row's own |a|² does not change its order, so the ranked value is |b|² - 2a·b
+            sq = feats.pow(2).sum(-1).unsqueeze(1)  # [B, 1, N]
+        keys = feats.transpose(1, 2)  # [B, C, N]
+        fill = float("-inf") if sq is None else float("inf")
+        blocks = _distance_blocks(b, n, max_bytes)
+        out = None if len(blocks) == 1 else torch.empty(b, n, k, dtype=torch.long, device=x.device)
+        for i0, i1, r0, r1 in blocks:  # a loop over blocks of the distance matrix bounds memory
+            q = feats[i0:i1, r0:r1]
+            if sq is None:
+                score = torch.bmm(q, keys[i0:i1])
             else:
-                dist = sq[:, start:stop, None] - 2 * torch.bmm(q, feats.transpose(1, 2)) + sq[:, None, :]
+                score = torch.baddbmm(sq[i0:i1], q, keys[i0:i1], alpha=-2.0)
             if not self_loops:
-                rows = torch.arange(start, stop, device=x.device)
-                dist[:, rows - start, rows] = float("inf")
-            chunks.append(dist.topk(k * dilation, dim=-1, largest=False).indices[..., ::dilation])
-        return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
+                rows = torch.arange(r0, r1, device=x.device)
+                score[:, rows - r0, rows] = fill
+            idx = score.topk(kd, dim=-1, largest=sq is None).indices
+            if dilation > 1:
+                idx = idx[..., ::dilation]
+            if out is None:
+                return idx
+            out[i0:i1, r0:r1] = idx
+        return out
 
 
 class KNNGraph(nn.Module):

@@ -20,6 +20,10 @@ class GraphToCNN(nn.Module):
     ``pos`` and ``size`` then being used.
 
     For grid and kNN graphs this is the exact inverse of the CNN → graph step.
+
+    Node features that are a ``[B, N, C]`` view of a ``[B, C, ·]`` tensor (what the interconnects
+    produce) are scattered channel by channel and give a contiguous map; contiguous ``[B, N, C]``
+    rows are added row by row and give a channels-last map. The values are the same either way.
     """
 
     def __init__(self, reduce: str = "mean") -> None:
@@ -46,24 +50,45 @@ class GraphToCNN(nn.Module):
         b, n, c = x.shape
         h, w = int(size[0]), int(size[1])
         rc = pos.round().long()
-        if not torch.compiler.is_compiling() and n and (
-            bool(rc.min() < 0) or bool((rc[..., 0] >= h).any()) or bool((rc[..., 1] >= w).any())
-        ):
+        compiling = torch.compiler.is_compiling()
+        if not compiling and n and bool(((rc < 0).any(-1) | (rc[..., 0] >= h) | (rc[..., 1] >= w)).any()):
             raise ValueError(f"pos has nodes outside the {h}×{w} map: rows must be in [0, {h - 1}], cols in [0, {w - 1}]")
-        cells = rc[..., 0] * w + rc[..., 1] + torch.arange(b, device=x.device).unsqueeze(1) * (h * w)
-        cells = cells.flatten()  # [B·N] flat cell ids
-        flat = x.reshape(b * n, c)
-        if self.reduce == "max":
-            out = flat.new_zeros(b * h * w, c).index_reduce_(0, cells, flat, "amax", include_self=False)
+        hw = h * w
+        cell = rc[..., 0] * w + rc[..., 1]  # [B, N] cell of each node within its map
+        flat_cells = (cell + torch.arange(b, device=x.device).unsqueeze(1) * hw).flatten()  # [B·N]
+        if x.stride(1) == 1 and x.stride(2) != 1:
+            # channel-major x (the [B, N, C] view of a [B, C, ·] tensor, as the interconnects give):
+            # scatter along the contiguous node axis straight into a [B, C, h·w] map, and the backward
+            # gathers from the incoming NCHW gradient without a transposing copy
+            src = x.transpose(1, 2)
+            index = cell.unsqueeze(1).expand(b, c, n)
+            out = src.new_zeros(b, c, hw)
+            if self.reduce == "max":
+                out = out.scatter_reduce_(2, index, src, "amax", include_self=False)
+            else:
+                out = out.scatter_add_(2, index, src)
+            layout = "bcn"
         else:
-            out = flat.new_zeros(b * h * w, c).index_add_(0, cells, flat)
+            # node-major x ([B, N, C] rows): add whole rows into a [B·h·w, C] map
+            flat = x.reshape(b * n, c)
+            out = flat.new_zeros(b * hw, c)
+            if self.reduce == "max":
+                out = out.index_reduce_(0, flat_cells, flat, "amax", include_self=False)
+            else:
+                out = out.index_add_(0, flat_cells, flat)
+            layout = "bnc"
         if self.reduce == "mean" or skip is not None:
-            count = torch.zeros(b * h * w, device=x.device, dtype=x.dtype).index_add_(
-                0, cells, torch.ones(b * n, device=x.device, dtype=x.dtype)
+            # counted in float32 at least: float16/bfloat16 stop counting at 2048/256 nodes per cell
+            count_dtype = torch.promote_types(x.dtype, torch.float32)
+            count = torch.zeros(b * hw, device=x.device, dtype=count_dtype).index_add_(
+                0, flat_cells, torch.ones(b * n, device=x.device, dtype=count_dtype)
             )
-            if self.reduce == "mean":
-                out = out / count.clamp_min(1).unsqueeze(1)
-        out = out.view(b, h, w, c).permute(0, 3, 1, 2)
+            # the division is skipped when no cell holds two nodes (grids, kNN, distinct keypoints)
+            if self.reduce == "mean" and (compiling or bool((count > 1).any())):
+                scale = count.clamp_min(1)
+                scale = scale.view(b, 1, hw) if layout == "bcn" else scale.unsqueeze(1)
+                out = (out / scale).to(x.dtype)
+        out = out.view(b, c, h, w) if layout == "bcn" else out.view(b, h, w, c).permute(0, 3, 1, 2)
         if skip is not None:
             if skip.shape != (b, c, h, w):
                 raise ValueError(f"skip must be [B, C, h, w] = {(b, c, h, w)}, got {tuple(skip.shape)}")
