@@ -116,6 +116,7 @@ def _unreachable(urls: list[str], timeout: float = PROBE_TIMEOUT) -> str | None:
     lookup cannot hold the process."""
     import socket
     import threading
+    import time
     import urllib.parse
     import urllib.request
 
@@ -143,7 +144,9 @@ def _unreachable(urls: list[str], timeout: float = PROBE_TIMEOUT) -> str | None:
     threads = [threading.Thread(target=probe, args=t, daemon=True) for t in targets]
     for t in threads:
         t.start()
-    done.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        done.wait(0.05)
     if done.is_set():
         return None
     host, port = targets[0]

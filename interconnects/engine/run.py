@@ -9,7 +9,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("interconnects")
@@ -19,22 +18,33 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 
 def guarded(fn, cfg: DictConfig):
     """Run ``fn(cfg)``; known failures print one line and exit non-zero (full traceback with
-    ``HYDRA_FULL_ERROR=1``)."""
+    ``HYDRA_FULL_ERROR=1``). Exit status: 2 a bad setting, checkpoint or dataset; 3 a non-finite
+    loss; 4 a checkpoint that could not be written; 128 + N stopped by signal N (130 Ctrl-C)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from ..data import DataMissingError
     from .checkpoint import CheckpointError
     from .loop import TrainingStopped
 
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         return fn(cfg)
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except (ValueError, CheckpointError, DataMissingError, OSError) as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except KeyboardInterrupt:
+        if full:
+            raise
+        print("error: interrupted; checkpoints already on disk are complete (resume from last.ckpt with ckpt_path=)",
+              file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, CheckpointError, DataMissingError, OSError, OmegaConfBaseException, HydraException) as exc:
+        if full:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename:
-            message = f"cannot write {exc.filename}: {exc.strerror}"
+            message = f"{exc.filename}: {exc.strerror}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -46,9 +56,9 @@ def _run_dir() -> Path:
 
 
 def _check_writable(run_dir: Path) -> None:
-    probe = run_dir / "checkpoints" / ".write-test"
+    """Probe ``run_dir`` (which Hydra has made) with a file that is removed at once: nothing stays."""
+    probe = run_dir / f".write-test-{os.getpid()}"
     try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -79,32 +89,83 @@ def _factories(cfg: DictConfig):
     return optimizer, scheduler
 
 
+def _check_factories(task, optimizer, scheduler) -> None:
+    """Build a throwaway optimizer and scheduler on ``task``'s parameters: a bad ``optimizer.*`` or
+    ``scheduler.*`` value fails now, naming its group, not after the data is loaded."""
+    from .loop import make_scheduler
+
+    for group, build in (("optimizer", lambda: optimizer(list(task.parameters()))),
+                         ("scheduler", lambda: make_scheduler(scheduler, optimizer(list(task.parameters())), 10))):
+        try:
+            build()
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{group}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+
+
+def _flat(config, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (config or {}).items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_fits(task, state: dict, config: dict, ckpt_path) -> None:
+    """Load the checkpoint's weights into ``task`` now: one that does not fit the model built from
+    this config fails before any work, naming the settings that differ from the checkpoint's."""
+    try:
+        task.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        groups = ("data.name", "backbone.", "interconnect.", "gnn.", "decoder.", "task.")
+        ours, theirs = _flat(config), _flat(state.get("config") or {})
+        diffs = [f"{k}={ours.get(k)!r} here but {theirs.get(k)!r} in the checkpoint"
+                 for k in sorted(set(ours) | set(theirs)) if k.startswith(groups) and ours.get(k) != theirs.get(k)]
+        detail = "; ".join(diffs[:3]) if diffs else str(exc).strip().splitlines()[0][:160]
+        raise ValueError(
+            f"ckpt_path={ckpt_path}: the checkpoint does not fit the model built from this config ({detail}); "
+            "resume with the overrides of the run that wrote it"
+        ) from None
+
+
 def train(cfg: DictConfig) -> float | None:
-    """Build, fit, test; returns ``metrics[cfg.optimized_metric]`` for sweepers."""
+    """Build, fit, test; returns ``metrics[cfg.optimized_metric]`` for sweepers.
+
+    Every check runs before any work or output: config values, the checkpoint to resume from,
+    the model (impossible settings fail in its dummy forward pass), optimizer and scheduler, the
+    dataset, then the output folder. Only then does training write anything.
+    """
     from ..data import build_data, check_data_config, data_info
     from ..models.hybrid import parameter_table
     from .checkpoint import load_checkpoint
-    from .loop import Trainer, seed_everything
+    from .loop import Trainer, check_trainer_config, seed_everything
 
     run_dir = _run_dir()
     config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.seed < 0:
         raise ValueError(f"seed={cfg.seed} is out of range; it must be an integer ≥ 0")
     check_data_config(cfg.data)
-    if cfg.ckpt_path:
-        load_checkpoint(cfg.ckpt_path)  # a missing, foreign or truncated file stops us before any work
-    trainer = Trainer(cfg.trainer, run_dir, config, cfg.logger.name, _resume_hint(run_dir))
-    _check_writable(run_dir)
+    check_trainer_config(cfg.trainer)
+    if cfg.logger.name not in ("tensorboard", "none"):
+        raise ValueError(f"logger.name={cfg.logger.name!r} is not supported; choose tensorboard or none")
+    # a missing, foreign, truncated or unsafe file stops us before any work
+    state = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     info = data_info(cfg.data.name)
     task = build_task(cfg, info)
     optimizer, scheduler = _factories(cfg)
+    _check_factories(task, optimizer, scheduler)
+    if state is not None:
+        _check_fits(task, state, config, cfg.ckpt_path)
+    data = build_data(cfg.data, cfg.seed)
+    _check_writable(run_dir)
+    trainer = Trainer(cfg.trainer, run_dir, config, cfg.logger.name, _resume_hint(run_dir))
     rows = parameter_table(task.model)
     log.info("parameters: " + ", ".join(f"{name} {count:,}" for name, count in rows))
-    data = build_data(cfg.data, cfg.seed)
     log.info("data: %s, %d train / %d val / %d test images, device %s", cfg.data.name,
              len(data.train_view), len(data.val.dataset), len(data.test.dataset), trainer.device)
-    metrics = trainer.fit(task, data, optimizer, scheduler, cfg.ckpt_path)
+    metrics = trainer.fit(task, data, optimizer, scheduler, cfg.ckpt_path, state=state)
     summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("test/acc", "test/loss", "val/acc") if k in metrics)
     print(f"\n{summary}")
     print(f"run directory: {run_dir}")
@@ -115,20 +176,43 @@ def train(cfg: DictConfig) -> float | None:
     return metrics.get(metric) if metric else None
 
 
+# What evaluate.py builds from the config stored in a checkpoint: only the project's own classes,
+# so a crafted config cannot make it construct (and so run) anything else.
+_EVAL_GROUPS = ("backbone", "interconnect", "gnn", "decoder", "task")
+_EVAL_TARGET_PREFIX = "interconnects."
+
+
+def _check_targets(config: dict, ckpt_path) -> None:
+    for key, value in _flat({g: config.get(g) for g in _EVAL_GROUPS if isinstance(config.get(g), dict)}).items():
+        if key.endswith("_target_") and value is not None and not (
+                isinstance(value, str) and value.startswith(_EVAL_TARGET_PREFIX)):
+            raise ValueError(
+                f"refusing to build {key}={value!r} from the config in {ckpt_path}: only "
+                f"{_EVAL_TARGET_PREFIX}* classes are built from a checkpoint")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a checkpoint with the model rebuilt from the config stored inside it."""
     from ..data import build_data, data_info
     from .checkpoint import load_checkpoint
     from .loop import Trainer, resolve_device, write_json_atomic
 
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ValueError("ckpt_path is missing: python evaluate.py ckpt_path=RUN/checkpoints/best.ckpt")
     if cfg.split not in ("test", "val"):
         raise ValueError(f"split={cfg.split!r} is not supported; choose test or val")
+    if cfg.limit_batches is not None and cfg.limit_batches < 1:
+        raise ValueError(f"limit_batches={cfg.limit_batches} is out of range; it must be null or ≥ 1")
+    device = resolve_device(cfg.device, "device")
     state = load_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(state["config"])
-    for key, value in cfg.data.items():
-        if value is not None:
-            run_cfg.data[key] = value
-    device = resolve_device(cfg.device)
+    _check_targets(state["config"], cfg.ckpt_path)
+    try:
+        run_cfg = OmegaConf.create(state["config"])
+        for key, value in cfg.data.items():
+            if value is not None:
+                run_cfg.data[key] = value
+    except Exception as exc:  # noqa: BLE001 - a config the checkpoint holds, not one we composed
+        raise ValueError(f"{cfg.ckpt_path}: its stored config is not usable ({str(exc).splitlines()[0][:120]})") from None
     run_dir = _run_dir()
     info = data_info(run_cfg.data.name)
     task = build_task(run_cfg, info)
@@ -154,4 +238,3 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     write_json_atomic(metrics, run_dir / "metrics.json")
     print(f"metrics written to {run_dir / 'metrics.json'}")
     return metrics
-
