@@ -1,0 +1,356 @@
+"""Benchmark the CNN ↔ graph interconnects against per-sample-loop references and a bare floor.
+
+For each feature-map size and each mode it times forward + backward (median of ``--repeats`` runs
+after warm-up) of
+
+* **ours**: the batched module(s) of :mod:`interconnects`;
+* **reference**: a straightforward per-sample implementation producing the same results, written the
+  way published interconnect code usually is (Python loops over the images, and over keypoints
+  where such code does);
+* **floor**: the bare data movement the mode cannot avoid: a gather of the node features and a
+  scatter-add back into the map (for graph → CNN alone, a bare ``index_add_`` of the node rows).
+
+Before timing, the reference's node features, edges and output map are checked against ours.
+
+    python scripts/bench_interconnects.py                 # batch 64, C = 64, maps 7², 14², 28²
+    python scripts/bench_interconnects.py --quick         # a small smoke run
+    python scripts/bench_interconnects.py --device cuda   # the GPU table
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from interconnects import DenseGrid, GraphToCNN, Keypoints, KNNGraph  # noqa: E402
+
+KNN_K = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_group(fns, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Median wall times in ms of each ``fn()`` (forward + backward).
+
+    The functions take turns within each repeat, so that a machine whose load changes over the run
+    slows them alike and their ratios stay meaningful.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    sync(device)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, record in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            record.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(record) for record in times]
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    text = f"CPU: {cpu} ({os.cpu_count()} logical cores); torch {torch.__version__}; {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        text += f"; GPU: {torch.cuda.get_device_name(device)}"
+    return text + f"; device: {device}"
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sample references (the same results, one image at a time)
+# ---------------------------------------------------------------------------------------------
+def ref_grid(fmap: torch.Tensor):
+    """Per image: node features, the inverse-distance adjacency, and the map written back."""
+    b, c, h, w = fmap.shape
+    xs, adjs, outs = [], [], []
+    for i in range(b):
+        x = fmap[i].reshape(c, h * w).t()
+        rows = torch.arange(h, device=fmap.device).repeat_interleave(w)
+        cols = torch.arange(w, device=fmap.device).repeat(h)
+        pos = torch.stack([rows, cols], 1).float()
+        adj = 1.0 / (1.0 + torch.cdist(pos, pos))
+        xs.append(x)
+        adjs.append(adj)
+        outs.append(x.t().reshape(c, h, w))
+    return torch.stack(xs), adjs, torch.stack(outs)
+
+
+def ref_keypoints(fmap: torch.Tensor, score_conv: torch.nn.Module, k: int):
+    """Per image and per keypoint: top-k cells of the learned score, gated features, written back cell by cell."""
+    b, c, h, w = fmap.shape
+    scores = score_conv(fmap)  # the CNN's score head runs batched in published code too
+    xs, adjs, outs = [], [], []
+    for i in range(b):
+        idx = scores[i, 0].detach().flatten().topk(k).indices.tolist()
+        nodes, pos = [], []
+        for cell in idx:
+            r, col = divmod(cell, w)
+            nodes.append(fmap[i, :, r, col] * torch.sigmoid(scores[i, 0, r, col]))
+            pos.append((r, col))
+        x = torch.stack(nodes)
+        p = torch.tensor(pos, dtype=torch.float32, device=fmap.device)
+        xs.append(x)
+        adjs.append(1.0 / (1.0 + torch.cdist(p, p)))
+        out = torch.zeros(c, h, w, dtype=fmap.dtype, device=fmap.device)
+        for j, (r, col) in enumerate(pos):
+            out[:, r, col] = x[j]
+        outs.append(out)
+    return torch.stack(xs), torch.stack(adjs), torch.stack(outs)
+
+
+def ref_knn(fmap: torch.Tensor, k: int):
+    """Per image: the distance matrix and its top-k, node features, and the map written back."""
+    b, c, h, w = fmap.shape
+    n = h * w
+    xs, nbrs, outs = [], [], []
+    for i in range(b):
+        x = fmap[i].reshape(c, n).t()
+        with torch.no_grad():
+            dist = torch.cdist(x, x)
+            dist.fill_diagonal_(float("inf"))
+            nbr = dist.topk(k, dim=1, largest=False).indices
+        xs.append(x)
+        nbrs.append(nbr)
+        outs.append(x.t().reshape(c, h, w))
+    return torch.stack(xs), torch.stack(nbrs), torch.stack(outs)
+
+
+def ref_to_cnn(x: torch.Tensor, cells: torch.Tensor, h: int, w: int):
+    """Per image: sum the nodes into their cells and divide by the count (mean)."""
+    b, n, c = x.shape
+    outs = []
+    for i in range(b):
+        total = torch.zeros(h * w, c, dtype=x.dtype, device=x.device).index_add(0, cells[i], x[i])
+        count = torch.bincount(cells[i], minlength=h * w).clamp_min(1).to(x.dtype)
+        outs.append((total / count[:, None]).t().reshape(c, h, w))
+    return torch.stack(outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# floors: the bare gather / index_add_ of the same data
+# ---------------------------------------------------------------------------------------------
+def floor_gather_scatter(fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Gather ``cells [B, K]`` of fmap into nodes and scatter-add them back into a zero map.
+
+    Both along the contiguous cell axis of ``[B, C, h·w]``: the least data movement there is.
+    """
+    b, c, h, w = fmap.shape
+    index = cells.unsqueeze(1).expand(-1, c, -1)
+    nodes = fmap.flatten(2).gather(2, index)
+    return nodes.new_zeros(b, c, h * w).scatter_add_(2, index, nodes).view(b, c, h, w)
+
+
+def floor_index_add(x: torch.Tensor, ids: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    c = x.shape[-1]
+    return x.new_zeros(b * h * w, c).index_add_(0, ids, x.reshape(-1, c)).view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rows
+# ---------------------------------------------------------------------------------------------
+_GRAD: dict = {}
+
+
+def backward(out: torch.Tensor) -> None:
+    """Backward from a fixed contiguous ``[B, C, h, w]`` gradient, as a following conv layer gives."""
+    key = (tuple(out.shape), out.dtype, out.device)
+    if key not in _GRAD:
+        _GRAD[key] = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    out.backward(_GRAD[key])
+
+
+def check_knn(ours_nbr: torch.Tensor, ref_nbr: torch.Tensor, x: torch.Tensor) -> None:
+    """Neighbours equal, except where float rounding reorders (near-)equidistant candidates."""
+    if torch.equal(ours_nbr, ref_nbr):
+        return
+    xd = x.double()
+
+    def distances(nbr):
+        b, n, k = nbr.shape
+        picked = xd.gather(1, nbr.reshape(b, n * k, 1).expand(-1, -1, x.shape[-1])).view(b, n, k, -1)
+        return (xd.unsqueeze(2) - picked).norm(dim=-1).sort(-1).values
+
+    torch.testing.assert_close(distances(ours_nbr), distances(ref_nbr), rtol=1e-5, atol=1e-5)
+
+
+def bench_size(size: int, batch: int, channels: int, device: torch.device, repeats: int, warmup: int):
+    h = w = size
+    n = h * w
+    gen = torch.Generator().manual_seed(size)
+    base = torch.randn(batch, channels, h, w, generator=gen).to(device)
+    back = GraphToCNN()
+    rows = []
+
+    def leaf():
+        return base.clone().requires_grad_()
+
+    # ---- grid --------------------------------------------------------------------------------
+    grid = DenseGrid(edges="inverse_distance")
+    g = grid(base)
+    xr, adjr, outr = ref_grid(base)
+    torch.testing.assert_close(g.x, xr, rtol=0, atol=0)
+    for a in adjr:
+        torch.testing.assert_close(g.adj[0], a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(back(g), outr, rtol=0, atol=0)
+    all_cells = torch.arange(n, device=device).expand(batch, n)
+    rows.append(
+        (
+            "grid",
+            *time_group(
+                [
+                    lambda: backward(back(grid(leaf()))),
+                    lambda: backward(ref_grid(leaf())[2]),
+                    lambda: backward(floor_gather_scatter(leaf(), all_cells)),
+                ],
+                device,
+                repeats,
+                warmup,
+            ),
+        )
+    )
+
+    # ---- keypoints ---------------------------------------------------------------------------
+    k = max(1, n // 4)
+    kp = Keypoints(num_keypoints=k, select="topk", in_channels=channels).to(device)
+    g = kp(base)
+    xr, adjr, outr = ref_keypoints(base, kp.score, k)
+    torch.testing.assert_close(g.x, xr, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g.adj, adjr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(back(g), outr, rtol=1e-6, atol=1e-6)
+    kp_cells = (g.pos[..., 0] * w + g.pos[..., 1]).long()
+    rows.append(
+        (
+            f"keypoints (topk, K={k})",
+            *time_group(
+                [
+                    lambda: backward(back(kp(leaf()))),
+                    lambda: backward(ref_keypoints(leaf(), kp.score, k)[2]),
+                    lambda: backward(floor_gather_scatter(leaf(), kp_cells)),
+                ],
+                device,
+                repeats,
+                warmup,
+            ),
+        )
+    )
+
+    # ---- knn ---------------------------------------------------------------------------------
+    knn = KNNGraph(k=KNN_K)
+    g = knn(base)
+    xr, nbrr, outr = ref_knn(base, KNN_K)
+    ours_nbr = g.edge_index[0].view(batch, n, KNN_K) - torch.arange(batch, device=device).view(-1, 1, 1) * n
+    check_knn(ours_nbr, nbrr, xr)
+    torch.testing.assert_close(back(g), outr, rtol=0, atol=0)
+    rows.append(
+        (
+            f"knn (k={KNN_K})",
+            *time_group(
+                [
+                    lambda: backward(back(knn(leaf()))),
+                    lambda: backward(ref_knn(leaf(), KNN_K)[2]),
+                    lambda: backward(floor_gather_scatter(leaf(), all_cells)),
+                ],
+                device,
+                repeats,
+                warmup,
+            ),
+        )
+    )
+
+    # ---- graph → CNN alone -------------------------------------------------------------------
+    # N = h·w nodes at random cells: some cells shared (averaged), some empty
+    cells = torch.randint(0, n, (batch, n), generator=gen).to(device)
+    pos = torch.stack([cells // w, cells % w], -1).float()
+    x0 = torch.randn(batch, n, channels, generator=gen).to(device)
+    ids = (cells + torch.arange(batch, device=device).unsqueeze(1) * n).flatten()
+    torch.testing.assert_close(back(x0, pos, (h, w)), ref_to_cnn(x0, cells, h, w), rtol=1e-6, atol=1e-6)
+
+    def xleaf():
+        return x0.clone().requires_grad_()
+
+    rows.append(
+        (
+            "graph→CNN (mean)",
+            *time_group(
+                [
+                    lambda: backward(back(xleaf(), pos, (h, w))),
+                    lambda: backward(ref_to_cnn(xleaf(), cells, h, w)),
+                    lambda: backward(floor_index_add(xleaf(), ids, batch, h, w)),
+                ],
+                device,
+                repeats,
+                warmup,
+            ),
+        )
+    )
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run: batch 4, maps 7² and 14², 1 repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5; 1 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2; 1 with --quick)")
+    parser.add_argument("--batch", type=int, default=None, help="images per batch (default 64; 4 with --quick)")
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="feature-map sides (default 7 14 28)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but torch.cuda.is_available() is False")
+    repeats = args.repeats or (1 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    batch = args.batch or (4 if args.quick else 64)
+    sizes = args.sizes or ([7, 14] if args.quick else [7, 14, 28])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    print(machine(device))
+    print(
+        f"batch {batch}, C = {args.channels}, forward + backward, median of {repeats} after {warmup} warm-up "
+        "(ours, reference and floor taking turns); "
+        "times in ms; ref/ours = speed-up over the per-sample reference, ours/floor = cost over the bare "
+        "gather + scatter_add_ (a bare index_add_ for graph→CNN)"
+    )
+    print()
+    print("| map | mode | ours (ms) | reference (ms) | floor (ms) | ref/ours | ours/floor |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for size in sizes:
+        for mode, ours, ref, floor in bench_size(size, batch, args.channels, device, repeats, warmup):
+            print(
+                f"| {size}×{size} | {mode} | {ours:.2f} | {ref:.2f} | {floor:.2f} | {ref / ours:.1f}× | {ours / floor:.2f}× |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
