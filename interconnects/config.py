@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import sys
+
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING, OmegaConf
 
 
@@ -105,6 +108,28 @@ def _run_dir(ckpt_path: Optional[str], base: str = "outputs/train") -> str:
         if Path(ckpt_path).parent.name == "checkpoints" and (run / ".hydra").is_dir():
             return str(run)
     return f"{base}/{_unique_suffix()}"
+
+
+class OutputDirCheck(Callback):
+    """Makes the run (or sweep) directory before Hydra does, so that an unwritable one stops the
+    run with one line instead of a traceback."""
+
+    @staticmethod
+    def _make(key: str, path: str) -> None:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            probe = Path(path) / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            print(f"error: output directory {path} is not writable ({exc.strerror}); set {key}=DIR", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._make("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._make("hydra.sweep.dir", config.hydra.sweep.dir)
 
 
 def register() -> None:

@@ -124,7 +124,8 @@ def test_resume_continues_at_the_right_epoch(trained, tmp_path):
     assert proc.returncode != 0 and "LR schedule spans 16 steps" in proc.stderr
     proc = run_cli("train.py", *common, "trainer.max_epochs=3", "scheduler=constant", f"hydra.run.dir={tmp_path / 'b'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resumed from" in proc.stderr and "at epoch 2" in proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "resumed from" in log and "at epoch 2" in log
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics["steps"] == 24
 

@@ -55,16 +55,6 @@ def _run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def _check_writable(run_dir: Path) -> None:
-    """Probe ``run_dir`` (which Hydra has made) with a file that is removed at once: nothing stays."""
-    probe = run_dir / f".write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"output directory {run_dir} is not writable ({exc.strerror}); set hydra.run.dir=DIR") from None
-
-
 def _resume_hint(run_dir: Path) -> str:
     from hydra.core.hydra_config import HydraConfig
 
@@ -102,24 +92,16 @@ def _check_factories(task, optimizer, scheduler) -> None:
             raise ValueError(f"{group}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
 
 
-def _flat(config, prefix: str = "") -> dict:
-    out = {}
-    for key, value in (config or {}).items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _check_fits(task, state: dict, config: dict, ckpt_path) -> None:
     """Load the checkpoint's weights into ``task`` now: one that does not fit the model built from
     this config fails before any work, naming the settings that differ from the checkpoint's."""
+    from .loop import flatten
+
     try:
         task.load_state_dict(state["model"])
     except RuntimeError as exc:
         groups = ("data.name", "backbone.", "interconnect.", "gnn.", "decoder.", "task.")
-        ours, theirs = _flat(config), _flat(state.get("config") or {})
+        ours, theirs = flatten(config), flatten(state.get("config") or {})
         diffs = [f"{k}={ours.get(k)!r} here but {theirs.get(k)!r} in the checkpoint"
                  for k in sorted(set(ours) | set(theirs)) if k.startswith(groups) and ours.get(k) != theirs.get(k)]
         detail = "; ".join(diffs[:3]) if diffs else str(exc).strip().splitlines()[0][:160]
@@ -134,7 +116,7 @@ def train(cfg: DictConfig) -> float | None:
 
     Every check runs before any work or output: config values, the checkpoint to resume from,
     the model (impossible settings fail in its dummy forward pass), optimizer and scheduler, the
-    dataset, then the output folder. Only then does training write anything.
+    dataset (the output folder was checked before Hydra made it). Only then does training write anything.
     """
     from ..data import build_data, check_data_config, data_info
     from ..models.hybrid import parameter_table
@@ -159,7 +141,6 @@ def train(cfg: DictConfig) -> float | None:
     if state is not None:
         _check_fits(task, state, config, cfg.ckpt_path)
     data = build_data(cfg.data, cfg.seed)
-    _check_writable(run_dir)
     trainer = Trainer(cfg.trainer, run_dir, config, cfg.logger.name, _resume_hint(run_dir))
     rows = parameter_table(task.model)
     log.info("parameters: " + ", ".join(f"{name} {count:,}" for name, count in rows))
@@ -183,7 +164,9 @@ _EVAL_TARGET_PREFIX = "interconnects."
 
 
 def _check_targets(config: dict, ckpt_path) -> None:
-    for key, value in _flat({g: config.get(g) for g in _EVAL_GROUPS if isinstance(config.get(g), dict)}).items():
+    from .loop import flatten
+
+    for key, value in flatten({g: config.get(g) for g in _EVAL_GROUPS if isinstance(config.get(g), dict)}).items():
         if key.endswith("_target_") and value is not None and not (
                 isinstance(value, str) and value.startswith(_EVAL_TARGET_PREFIX)):
             raise ValueError(
