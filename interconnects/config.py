@@ -32,7 +32,7 @@ class DataConfig:
     pin_memory: bool = False
     val_fraction: float = 0.1
     split_seed: int = 0
-    augment: str = "none"  # none | crop | crop_flip
+    augment: str = "none"  # none | crop | crop_flip | affine
     crop_padding: int = 2
 
 

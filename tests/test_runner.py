@@ -136,3 +136,21 @@ def test_sweep_runs_in_a_subprocess(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
     for job in ("0", "1"):
         assert "test/acc" in json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("augment", ["crop", "crop_flip", "affine"])
+def test_augmentation_is_fixed_by_seed_epoch_and_batch(augment):
+    """The same (seed, epoch, batch) gives the same images, whatever was drawn before; another epoch differs."""
+    from interconnects.data.tensors import ImageTensors
+
+    images = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8)
+    view = ImageTensors(images, torch.arange(8), (0.5,) * 3, (0.25,) * 3, augment, padding=2, seed=3)
+    first, labels = view.__getitems__([5, 1, 2])
+    torch.rand(100)  # the global RNG plays no part
+    again, _ = view.__getitems__([5, 1, 2])
+    view.epoch = 1
+    other, _ = view.__getitems__([5, 1, 2])
+    assert first.shape == (3, 3, 12, 12) and labels.tolist() == [5, 1, 2]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    plain = ImageTensors(images, torch.arange(8), (0.5,) * 3, (0.25,) * 3).__getitems__([5])[0]
+    torch.testing.assert_close(plain, (images[5:6].float() / 255 - 0.5) / 0.25)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from .tensors import ImageTensors, as_tensors, keep_batch
 
 DATASETS = ("mnist", "mnist_sample", "fashion_mnist", "cifar10", "cifar100")
-AUGMENT = ("none", "crop", "crop_flip")
+AUGMENT = ("none", "crop", "crop_flip", "affine")
 SAMPLE_ROOT = Path(__file__).parent / "sample"
 
 # name: (torchvision class, channels, image size, classes, mean, std, folder under root)

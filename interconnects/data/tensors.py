@@ -44,8 +44,25 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.
     return out.contiguous()
 
 
+def random_affine(images: Tensor, generator: torch.Generator, degrees: float = 10.0,
+                  scale: tuple[float, float] = (0.9, 1.1), translate: float = 0.1) -> Tensor:
+    """Random rotation (±``degrees``), zoom (``scale``) and shift (± ``translate`` of the size) of
+    float ``images [B, C, H, W]``, one draw per image, as one batched ``grid_sample``; uncovered
+    pixels are 0."""
+    b = images.shape[0]
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * degrees * torch.pi / 180
+    zoom = scale[0] + torch.rand(b, generator=generator) * (scale[1] - scale[0])
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * translate * 2  # grid units span 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+
+
 class ImageTensors(Dataset):
-    """``(images uint8 [N, C, H, W], labels [N])`` served normalised, with optional crop / flip.
+    """``(images uint8 [N, C, H, W], labels [N])`` served normalised, with optional augmentation:
+    ``crop`` (zero-pad by ``padding``, random crop), ``crop_flip`` (and random horizontal flip) or
+    ``affine`` (random rotation ±10°, zoom 0.9–1.1, shift ±10%).
 
     ``__getitems__`` returns a whole batch ``(float images [B, C, H, W], labels [B])``; the random
     draws of a batch depend only on ``(seed, epoch, first index of the batch)``.
@@ -64,11 +81,15 @@ class ImageTensors(Dataset):
     def __getitems__(self, indices: list[int]):
         index = torch.as_tensor(indices, dtype=torch.long)
         images = self.images[index]
+        generator = None
         if self.augment != "none":
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index[0]))
-            images = random_crop_flip(images, self.padding if "crop" in self.augment else 0,
-                                      self.augment == "crop_flip", generator)
-        return (images.float().div_(255) - self.mean) / self.std, self.labels[index]
+        if self.augment in ("crop", "crop_flip"):
+            images = random_crop_flip(images, self.padding, self.augment == "crop_flip", generator)
+        images = images.float().div_(255)
+        if self.augment == "affine":
+            images = random_affine(images, generator)
+        return (images - self.mean) / self.std, self.labels[index]
 
     def __getitem__(self, index: int):
         images, labels = self.__getitems__([index])

@@ -321,8 +321,7 @@ class Trainer:
             log.info("removed %s, left by a run that was killed while writing it", stale.name)
         logger = build_logger(self.logger_name, self.run_dir / "tensorboard", purge_step=self.step if ckpt_path else None)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        # a tie goes to the later epoch: with a decaying learning rate it is the better-trained model
-        better = (lambda a, b: a >= b) if task.monitor_mode == "max" else (lambda a, b: a <= b)
+        better = (lambda a, b: a > b) if task.monitor_mode == "max" else (lambda a, b: a < b)
         try:
             while self.epoch < cfg.max_epochs:
                 data.set_epoch(self.epoch, self.batch_in_epoch)
