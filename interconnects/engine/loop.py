@@ -174,8 +174,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         if not self.scaler.is_enabled():  # (the fp16 scaler skips steps with inf gradients itself)
             grads = [p.grad for p in params if p.grad is not None]
-            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-                return self._nonfinite(opt, f"gradient of the {name!r} optimizer is not finite")
+            if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):  # one fused reduction
+                return self._nonfinite(opt, f"gradient norm of the {name!r} optimizer is not finite")
         self.scaler.step(opt)
         self.scaler.update()
         opt.zero_grad(set_to_none=True)
