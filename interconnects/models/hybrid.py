@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Mapping
 
 import torch
@@ -11,6 +12,13 @@ from torch import Tensor, nn
 
 class ConfigError(ValueError):
     """A configuration value that cannot be built; the message names the key and what is accepted."""
+
+
+def _config_error(group: str, exc: Exception) -> ConfigError:
+    """``num_keypoints=100 is ...`` from a module becomes ``interconnect.num_keypoints=100 is ...``:
+    the key as it is written on the command line."""
+    message = str(exc)
+    return ConfigError(f"{group}.{message}" if re.match(r"^\w+=", message) else f"{group}: {message}")
 
 
 class ClassifierHead(nn.Module):
@@ -90,7 +98,7 @@ def build_part(group: str, node: Mapping[str, Any] | None, **inferred):
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{group}: {exc}") from None
+        raise _config_error(group, exc) from None
 
 
 def build_model(cfg, in_channels: int, image_size: tuple[int, int], num_classes: int,
@@ -119,7 +127,7 @@ def build_model(cfg, in_channels: int, image_size: tuple[int, int], num_classes:
         try:
             features = model.features(dummy)
         except ValueError as exc:
-            raise ConfigError(f"interconnect: {exc}") from None
+            raise _config_error("interconnect", exc) from None
     head_cfg = dict(cfg.task.get("head", {}) or {})
     try:
         model.head = ClassifierHead(features.shape[1], num_classes, **head_cfg)

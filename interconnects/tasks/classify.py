@@ -21,6 +21,8 @@ class ClassificationTask(nn.Module):
     monitor_mode = "max"
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, head: dict | None = None) -> None:
+        """``head``: options of the classifier head (``bias``, ``dropout``); the model builder reads
+        them from the task config and builds the head into ``model``, so they are not used here."""
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing!r} is out of range; it must be in [0, 1)")
