@@ -97,7 +97,7 @@ class EvaluateConfig:
 
 
 def _unique_suffix() -> str:
-    # microseconds, process id and a random tag: two runs started in the same second never collide
+    # time, process id and a random tag: two runs started in the same second never collide
     return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}_{secrets.token_hex(2)}"
 
 
