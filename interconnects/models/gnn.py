@@ -569,20 +569,12 @@ class GNNHead(nn.Module):
 
     @staticmethod
     def _make_layer(layer: str, c_in: int, c_out: int, heads: int) -> GraphLayer:
-        if layer == "gcn":
-            return GCNLayer(c_in, c_out)
-        if layer == "graphconv":
-            return GraphConvLayer(c_in, c_out)
-        if layer == "sage":
-            return SAGELayer(c_in, c_out)
+        layers = {"gcn": GCNLayer, "graphconv": GraphConvLayer, "sage": SAGELayer, "gin": GINLayer,
+                  "gatedgcn": GatedGCNLayer, "maxrel": MaxRelLayer}
         if layer == "gat":
             return GATv2Layer(c_in, c_out, heads=heads)
-        if layer == "gin":
-            return GINLayer(c_in, c_out)
-        if layer == "gatedgcn":
-            return GatedGCNLayer(c_in, c_out)
-        if layer == "maxrel":
-            return MaxRelLayer(c_in, c_out)
+        if layer in layers:
+            return layers[layer](c_in, c_out)
         raise ValueError(f"layer={layer!r} is not supported; choose one of {', '.join(map(repr, GNN_LAYERS))}")
 
     def extra_repr(self) -> str:
