@@ -35,7 +35,7 @@ def test_config_composes_and_instantiates(group, option):
     cfg = compose([f"{group}={option}"])
     check_data_config(cfg.data)
     check_trainer_config(cfg.trainer)
-    task = build_task(cfg, data_info(cfg.data.name))
+    task = build_task(cfg, data_info(cfg.data))
     optimizer = instantiate(cfg.optimizer)(task.parameters())
     scheduler = instantiate(cfg.scheduler) if cfg.scheduler.get("_target_") else None
     make_scheduler(scheduler, optimizer, 10)

@@ -38,9 +38,17 @@ class DataInfo:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.class_names:
+            self.class_names = tuple(str(i) for i in range(self.num_classes))
 
 
-def data_info(name: str) -> DataInfo:
+def data_info(cfg) -> DataInfo:
+    """What a model needs to know of the dataset described by the ``data`` config ``cfg`` (or by
+    its name): channels, image size, classes and their names, normalisation."""
+    name = cfg if isinstance(cfg, str) else cfg.name
     if name not in _SPECS:
         raise ValueError(f"data.name={name!r} is not supported; choose one of {', '.join(DATASETS)}")
     _, channels, size, classes, mean, std, _ = _SPECS[name]
@@ -251,7 +259,7 @@ def build_data(cfg, seed: int) -> DataBundle:
     (:class:`ImageTensors`), normalised with the dataset's mean and std.
     """
     check_data_config(cfg)
-    info = data_info(cfg.name)
+    info = data_info(cfg)
     train_images, train_labels = as_tensors(load_split(cfg.name, cfg.root, True, cfg.download))
     test_images, test_labels = as_tensors(load_split(cfg.name, cfg.root, False, cfg.download))
     n = len(train_labels)

@@ -134,7 +134,7 @@ def train(cfg: DictConfig) -> float | None:
     # a missing, foreign, truncated or unsafe file stops us before any work
     state = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    info = data_info(cfg.data.name)
+    info = data_info(cfg.data)
     task = build_task(cfg, info)
     optimizer, scheduler = _factories(cfg)
     _check_factories(task, optimizer, scheduler)
@@ -197,7 +197,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     except Exception as exc:  # noqa: BLE001 - a config the checkpoint holds, not one we composed
         raise ValueError(f"{cfg.ckpt_path}: its stored config is not usable ({str(exc).splitlines()[0][:120]})") from None
     run_dir = _run_dir()
-    info = data_info(run_cfg.data.name)
+    info = data_info(run_cfg.data)
     task = build_task(run_cfg, info)
     try:
         task.load_state_dict(state["model"])
