@@ -101,12 +101,12 @@ def build_part(group: str, node: Mapping[str, Any] | None, **inferred):
         raise _config_error(group, exc) from None
 
 
-def build_model(cfg, in_channels: int, image_size: tuple[int, int], num_classes: int,
-                backbone: nn.Module | None = None) -> HybridModel:
-    """Build the model described by ``cfg.backbone/interconnect/gnn/decoder/task`` for images of
-    ``in_channels × image_size`` and ``num_classes`` classes. Channel counts and map sizes are
-    inferred stage by stage with a dummy forward pass, which also rejects impossible settings
-    (more keypoints than cells, k not below the node count) before any training starts.
+def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: nn.Module | None = None) -> HybridModel:
+    """Build backbone → interconnect → GNN → decoder from ``cfg.backbone/interconnect/gnn/decoder``
+    for images of ``in_channels × image_size``, without a task head: ``model(image)`` returns the
+    decoder's features (``[B, C'', h, w]`` or ``[B, D]``). Channel counts and map sizes are inferred
+    stage by stage with a dummy forward pass, which also rejects impossible settings (more
+    keypoints than cells, k not below the node count) before any training starts.
 
     ``backbone``: a ready module to use instead of ``cfg.backbone`` (any ``nn.Module`` with an
     ``out_channels`` attribute)."""
@@ -125,15 +125,23 @@ def build_model(cfg, in_channels: int, image_size: tuple[int, int], num_classes:
     model.eval()
     with torch.no_grad():
         try:
-            features = model.features(dummy)
+            model.out_shape = tuple(model.features(dummy).shape[1:])
         except ValueError as exc:
             raise _config_error("interconnect", exc) from None
+    return model.train()
+
+
+def build_model(cfg, in_channels: int, image_size: tuple[int, int], num_classes: int,
+                backbone: nn.Module | None = None) -> HybridModel:
+    """:func:`build_hybrid` plus a classifier head of ``num_classes`` (options from ``cfg.task.head``):
+    ``model(image)`` returns logits ``[B, num_classes]``."""
+    model = build_hybrid(cfg, in_channels, image_size, backbone)
     head_cfg = dict(cfg.task.get("head", {}) or {})
     try:
-        model.head = ClassifierHead(features.shape[1], num_classes, **head_cfg)
+        model.head = ClassifierHead(model.out_shape[0], num_classes, **head_cfg)
     except TypeError as exc:
         raise ConfigError(f"task.head: {exc}") from None
-    return model.train()
+    return model
 
 
 def parameter_table(model: nn.Module) -> list[tuple[str, int]]:

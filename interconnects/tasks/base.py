@@ -54,6 +54,10 @@ class Task(nn.Module):
         ``ValueError`` naming the key as written on the command line."""
         raise NotImplementedError(f"{cls.__name__} does not implement from_config")
 
+    def setup(self, data) -> None:
+        """Called once with the run's :class:`interconnects.data.DataBundle` before training or
+        evaluation (a GAN prepares its feature network for FID here). Default: nothing."""
+
     def networks(self) -> dict[str, nn.Module]:
         """``{name: network}`` the task calls through ``forward`` (what DistributedDataParallel
         wraps). Default: every direct child module."""
