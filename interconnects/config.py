@@ -21,6 +21,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, OmegaConf
 
 
+class ConfigError(ValueError):
+    """A configuration value that cannot be built; the message names the key as written on the
+    command line (``group.key=value``) and what is accepted."""
+
+
+#: Exit statuses of train.py and evaluate.py (128 + N: stopped by signal N).
+EXIT_BAD_SETTING = 2  # a bad setting, checkpoint or dataset
+EXIT_NONFINITE = 3  # a non-finite loss, gradient or weight
+EXIT_WRITE_FAILED = 4  # a checkpoint or metrics file that could not be written
+
+
 @dataclass
 class DataConfig:
     name: str = MISSING  # mnist | mnist_sample | fashion_mnist | cifar10 | cifar100
@@ -76,6 +87,7 @@ class TrainConfig:
     seed: int = 42
     ckpt_path: Optional[str] = None
     init_from: Optional[str] = None
+    trust: list = field(default_factory=list)  # modules outside the package a resume may build classes from
     optimized_metric: Optional[str] = None  # null: the task's monitored metric (val/acc, val/psnr, val/fid)
     tags: list = field(default_factory=list)
 
@@ -97,6 +109,7 @@ class EvaluateConfig:
     data: EvalDataOverrides = field(default_factory=EvalDataOverrides)
     device: str = "auto"
     limit_batches: Optional[int] = None
+    trust: list = field(default_factory=list)  # modules outside the package the checkpoint may build classes from
 
 
 def _unique_suffix() -> str:

@@ -108,7 +108,7 @@ def task_class(node):
     """The :class:`~interconnects.tasks.base.Task` subclass named by ``node._target_`` (``task``)."""
     from hydra.utils import get_class
 
-    from ..models.hybrid import ConfigError
+    from ..config import ConfigError
     from ..tasks.base import Task
 
     target = node.get("_target_") if node is not None else None
@@ -305,6 +305,8 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
         raise ValueError(f"logger.name={cfg.logger.name!r} is not supported; choose tensorboard or none")
     # a missing, foreign, truncated or unsafe file stops us before any work
     state = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    if state is not None:
+        check_trusted(config, cfg.ckpt_path, cfg.trust)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     info = data_info(cfg.data)
     task = build_task(cfg, info)
@@ -327,21 +329,36 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
     return task, data, trainer, optimizers, schedulers, state
 
 
-# What evaluate.py builds from the config stored in a checkpoint: only the project's own classes,
-# so a crafted config cannot make it construct (and so run) anything else.
-_EVAL_GROUPS = ("backbone", "interconnect", "gnn", "decoder", "task")
-_EVAL_TARGET_PREFIX = "interconnects."
+# What evaluate.py (from the config stored in a checkpoint) and a resume build: the project's own
+# classes, and those of the modules the user names as trusted with trust=[module, ...], so that a
+# crafted config cannot make them construct (and so run) anything else.
+_MODEL_GROUPS = ("backbone", "interconnect", "gnn", "decoder", "task")
+_OWN_PACKAGE = "interconnects"
 
 
-def _check_targets(config: dict, ckpt_path) -> None:
+def _outside_classes(config: dict) -> list[tuple[str, str]]:
+    """``[(key, dotted class path)]`` of the classes the model groups of ``config`` name: every
+    ``_target_`` and a GNN layer given by dotted path."""
     from ..config import flatten
 
-    for key, value in flatten({g: config.get(g) for g in _EVAL_GROUPS if isinstance(config.get(g), dict)}).items():
-        if key.endswith("_target_") and value is not None and not (
-                isinstance(value, str) and value.startswith(_EVAL_TARGET_PREFIX)):
+    found = []
+    for key, value in flatten({g: config.get(g) for g in _MODEL_GROUPS if isinstance(config.get(g), dict)}).items():
+        is_class = key.endswith("_target_") or (key == "gnn.layer" and isinstance(value, str) and "." in value)
+        if is_class and value is not None:
+            found.append((key, str(value)))
+    return found
+
+
+def check_trusted(config: dict, source, trust) -> None:
+    """Refuse (one line) to build a class outside the package from ``config`` unless its module is
+    in ``trust``. ``source`` names where the config comes from (a checkpoint)."""
+    trusted = [_OWN_PACKAGE, *[str(t) for t in (trust or [])]]
+    for key, target in _outside_classes(config):
+        if not any(target == m or target.startswith(m + ".") for m in trusted):
+            module = target.rsplit(".", 1)[0]
             raise ValueError(
-                f"refusing to build {key}={value!r} from the config in {ckpt_path}: only "
-                f"{_EVAL_TARGET_PREFIX}* classes are built from a checkpoint")
+                f"refusing to build {key}={target!r} from {source}: only {_OWN_PACKAGE}.* classes are built "
+                f"from a checkpoint unless their module is trusted; add trust=[{module.split('.')[0]}] if you trust it")
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -372,7 +389,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     device = resolve_device(cfg.device, "device")
     ckpt_path = resolve_checkpoint(cfg.ckpt_path)
     state = load_checkpoint(ckpt_path)
-    _check_targets(state["config"], ckpt_path)
+    check_trusted(state["config"], ckpt_path, cfg.trust)
     try:
         run_cfg = OmegaConf.create(state["config"])
         for key, value in cfg.data.items():

@@ -9,9 +9,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be built; the message names the key and what is accepted."""
+from ..config import ConfigError
+from ..contracts import check_backbone, check_decoder, check_interconnect
 
 
 def _config_error(group: str, exc: Exception) -> ConfigError:
@@ -53,10 +52,17 @@ class HybridModel(nn.Module):
         fmap = self.backbone(image)
         if self.interconnect is None:
             return fmap, None
-        graph = self.interconnect(fmap, **interconnect_inputs)
+        graph = self.to_graph(fmap, image, **interconnect_inputs)
         if self.gnn is not None:
             graph = self.gnn(graph)
         return fmap, graph
+
+    def to_graph(self, fmap: Tensor, image: Tensor, **interconnect_inputs):
+        """The interconnect on ``fmap``; one that declares ``needs_image`` (keypoints from a detector
+        on the input) also gets ``image``."""
+        if getattr(self.interconnect, "needs_image", False):
+            interconnect_inputs.setdefault("image", image)
+        return self.interconnect(fmap, **interconnect_inputs)
 
     def features(self, image: Tensor, **interconnect_inputs) -> Tensor:
         """``image -> decoder features`` (``[B, C'', h, w]`` or ``[B, D]``)."""
@@ -92,8 +98,11 @@ def build_part(group: str, node: Mapping[str, Any] | None, **inferred):
     params = inspect.signature(cls).parameters
     unknown = [k for k in kwargs if k not in params]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        accepted = ", ".join(k for k in params if k not in inferred and k != "self")
-        raise ConfigError(f"{group}.{unknown[0]} is not a setting of {cls.__name__}; accepted: {accepted}")
+        accepted = ", ".join(k for k in params if k not in inferred and k != "self") or "none"
+        raise ConfigError(
+            f"{group}.{unknown[0]} is not a setting of {cls.__name__} (accepted: {accepted}); the {group} config "
+            f"keeps keys {cls.__name__} does not take ({', '.join(unknown)}): put the class in a config file "
+            f"{group}/<name>.yaml on hydra.searchpath, or drop them with {' '.join('~' + group + '.' + k for k in unknown)}")
     kwargs.update({k: v for k, v in inferred.items() if k in params and k not in kwargs})
     try:
         return cls(**kwargs)
@@ -116,6 +125,7 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
     backbone.eval()
     with torch.no_grad():
         fmap = backbone(dummy)
+    check_backbone(backbone, fmap)
     channels = fmap.shape[1]
     interconnect = build_part("interconnect", cfg.interconnect, in_channels=channels, image_size=tuple(image_size))
     gnn_layer = (cfg.get("gnn") or {}).get("layer", "none") if (cfg.get("gnn") or {}).get("_target_") else "none"
@@ -129,9 +139,15 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
     model.eval()
     with torch.no_grad():
         try:
-            model.out_shape = tuple(model.features(dummy).shape[1:])
+            if interconnect is not None:
+                check_interconnect(interconnect, model.to_graph(fmap, dummy))
+            features = model.features(dummy)
+        except ConfigError:
+            raise
         except ValueError as exc:
             raise _config_error("interconnect", exc) from None
+    check_decoder(decoder, features, dummy.shape[0])
+    model.out_shape = tuple(features.shape[1:])
     return model.train()
 
 
