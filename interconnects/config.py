@@ -51,7 +51,8 @@ class DataConfig:
 class TrainerConfig:
     max_epochs: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "32"  # 32 | bf16 | 16
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 with loss scaling; 32 on the CPU) | 32 | bf16 | 16
+    channels_last: bool = False  # channels-last memory format for the CNN parts (faster convolutions on GPUs)
     deterministic: bool = False
     compile: bool = False
     grad_clip: Optional[float] = None

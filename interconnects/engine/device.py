@@ -8,8 +8,18 @@ import random
 import numpy as np
 import torch
 
-#: ``trainer.precision`` → the autocast dtype (``None``: full float32).
-PRECISION = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+#: ``trainer.precision`` → the autocast dtype (``None``: full float32); ``auto`` is resolved by device.
+PRECISION = {"auto": None, "32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def resolve_precision(spec: str, device: torch.device):
+    """The autocast dtype for ``trainer.precision=spec`` on ``device``: ``auto`` is bf16 on a GPU
+    that supports it, fp16 (with loss scaling) on an older GPU, and full float32 on the CPU."""
+    if str(spec) != "auto":
+        return PRECISION[str(spec)]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
 
 
 def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:

@@ -21,7 +21,7 @@ import torch
 from ..config import flatten
 from .checkpoint import (FORMAT, VERSION, CheckpointError, check_structure, load_checkpoint,
                          remove_stale_temp_files, rng_state, save_atomic, set_rng_state, write_json_atomic)
-from .device import PRECISION, move, resolve_device
+from .device import PRECISION, move, resolve_device, resolve_precision
 from .logger import build_logger
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def check_trainer_config(cfg) -> None:
     if cfg.max_epochs < 1:
         raise ValueError(f"trainer.max_epochs={cfg.max_epochs} is out of range; it must be an integer ≥ 1")
     if str(cfg.precision) not in PRECISION:
-        raise ValueError(f"trainer.precision={cfg.precision!r} is not supported; choose 32, bf16 or 16")
+        raise ValueError(f"trainer.precision={cfg.precision!r} is not supported; choose auto, 32, bf16 or 16")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"trainer.on_nonfinite={cfg.on_nonfinite!r} is not supported; choose stop or skip")
     for key in ("checkpoint_every_n_steps", "log_every_n_steps", "log_images", "picture_every_n_epochs",
@@ -99,7 +99,8 @@ class Trainer:
         self.cfg, self.run_dir, self.config = cfg, Path(run_dir), config
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = resolve_device(cfg.device)
-        self.dtype = PRECISION[str(cfg.precision)]
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        self.memory_format = torch.channels_last if cfg.get("channels_last") else torch.preserve_format
         self.logger_name, self.resume_hint = logger_name, resume_hint
         self.primary = True  # the process that logs and writes files
         self._signal = None
@@ -162,6 +163,13 @@ class Trainer:
             if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):  # one fused reduction
                 return self._nonfinite(f"gradient norm of the {name!r} optimizer is not finite")
         self.scaler.step(opt)
+
+    def _to_device(self, batch):
+        batch = move(batch, self.device)
+        if self.memory_format is torch.channels_last:
+            batch = [t.contiguous(memory_format=torch.channels_last) if isinstance(t, torch.Tensor) and t.dim() == 4
+                     else t for t in batch]
+        return batch
 
     def train_step(self, batch) -> dict:
         """One training step of the task; the scaler is updated once, all gradients cleared."""
@@ -308,7 +316,7 @@ class Trainer:
         sums: dict = {}
         with torch.no_grad():
             for batch in itertools.islice(loader, limit):
-                for k, v in task.evaluation_step(move(batch, self.device), self.forward).items():
+                for k, v in task.evaluation_step(self._to_device(batch), self.forward).items():
                     v = torch.as_tensor(v).detach()
                     sums[k] = sums[k] + v if k in sums else v.clone()
         sums = self.reduce(sums)
@@ -359,7 +367,7 @@ class Trainer:
         """Optimizers, schedulers and scaler for ``task``; restore ``ckpt_path``; check that what
         an epoch's end runs works (before any training); open the logger."""
         cfg = self.cfg
-        self.task = task.to(self.device)
+        self.task = task.to(self.device, memory_format=self.memory_format)
         groups = task.optimizer_groups()
         self.optimizers = {k: optimizers[k](params) for k, params in groups.items()}
         full = data.train_batches.per_epoch
@@ -430,7 +438,7 @@ class Trainer:
         bar = tqdm(batches, total=self.per_epoch, initial=self.batch_in_epoch, disable=not (cfg.progress and self.primary),
                    desc=f"epoch {self.epoch + 1}/{cfg.max_epochs}", leave=False, mininterval=1.0, dynamic_ncols=True)
         for batch in bar:
-            batch = move(batch, self.device)
+            batch = self._to_device(batch)
             if self.step == 0 and cfg.log_images:
                 self.logger.images("inputs", batch[0][: cfg.log_images], 0)
             started = time.perf_counter()
