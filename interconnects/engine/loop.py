@@ -342,11 +342,14 @@ class Trainer:
 
     # ---- the phases -------------------------------------------------------------------------
     def fit(self, task, data, optimizers: dict, schedulers: dict | None = None, ckpt_path=None,
-            state: dict | None = None) -> dict[str, float]:
+            state: dict | None = None, on_ready=None) -> dict[str, float]:
         """Train, validate each epoch, test with the best weights. ``optimizers``: ``{group:
         factory}`` for each of the task's optimizer groups (``schedulers`` likewise, ``None`` for
-        a constant LR); ``ckpt_path`` resumes (``state``: that checkpoint, already loaded)."""
+        a constant LR); ``ckpt_path`` resumes (``state``: that checkpoint, already loaded).
+        ``on_ready()`` is called once every check has passed, before the first step."""
         self.setup(task, data, optimizers, schedulers or {}, ckpt_path, state)
+        if on_ready is not None:
+            on_ready()
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < self.cfg.max_epochs:

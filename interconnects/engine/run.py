@@ -242,6 +242,41 @@ def _remove_if_untouched(run_dir: Path) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
+class _HeldLogFile:
+    """Holds back what is logged into the run directory's log file while a resume is checked: a
+    refused resume leaves the run's ``train.log`` as it was, an accepted one gets every line."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import logging.handlers
+
+        root = logging.getLogger()
+        folder = str(run_dir.resolve())
+        self.files = [h for h in root.handlers if isinstance(h, logging.FileHandler)
+                      and os.path.dirname(os.path.abspath(h.baseFilename)) == folder]
+        self.buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 10)
+        for handler in self.files:
+            root.removeHandler(handler)
+        if self.files:
+            self.buffer.setLevel(min(h.level for h in self.files))
+            self.buffer.setFormatter(self.files[0].formatter)
+            root.addHandler(self.buffer)
+
+    def release(self) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.buffer)
+        for handler in self.files:
+            for record in self.buffer.buffer:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+            root.addHandler(handler)
+        self.buffer.buffer.clear()
+        self.files = []
+
+    def drop(self) -> None:
+        logging.getLogger().removeHandler(self.buffer)
+        self.buffer.buffer.clear()
+
+
 def _limits_note(trainer_cfg) -> str:
     limits = [f"trainer.{k}={trainer_cfg[k]}" for k in ("limit_train_batches", "limit_val_batches", "limit_test_batches")
               if trainer_cfg.get(k)]
@@ -261,18 +296,26 @@ def train(cfg: DictConfig) -> float | None:
     _mark_started()
     run_dir = _run_dir()
     resuming = bool(cfg.ckpt_path)
+    held = _HeldLogFile(run_dir) if resuming else None
     try:
         prepared = _prepare_training(cfg, run_dir)
+        if prepared is None:
+            return None
+        task, data, trainer, optimizers, schedulers, state = prepared
+
+        def accepted() -> None:  # the resume passed every check: now it may write to the run
+            _save_record(cfg, run_dir)
+            held.release()
+
+        metrics = trainer.fit(task, data, optimizers, schedulers, cfg.ckpt_path, state=state,
+                              on_ready=accepted if resuming else None)
     except BaseException:
         if not resuming:
             _remove_if_untouched(run_dir)
         raise
-    if prepared is None:
-        return None
-    task, data, trainer, optimizers, schedulers, state = prepared
-    if resuming:
-        _save_record(cfg, run_dir)
-    metrics = trainer.fit(task, data, optimizers, schedulers, cfg.ckpt_path, state=state)
+    finally:
+        if held is not None:
+            held.drop()
     shown = {k: v for k, v in metrics.items() if k.startswith("test/") and k.count("/") == 1}
     if task.monitor in metrics:
         shown[task.monitor] = metrics[task.monitor]
