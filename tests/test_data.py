@@ -9,6 +9,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY, compose, make_image_folder, run_cli
@@ -65,8 +66,8 @@ def test_digits_are_sklearn_digits_scaled_and_upsampled():
     big, _ = digits_images((28, 28))
     assert big.shape == (1797, 1, 28, 28) and big.max() > 200
     # bilinear upsampling keeps the picture: shrinking it back lands near the original
-    back = torch.nn.functional.interpolate(big.float(), size=(8, 8), mode="area")
-    assert (back - native.float()).abs().mean() < 20
+    back = torch.nn.functional.interpolate(big.float(), size=(8, 8), mode="area").flatten()
+    assert torch.corrcoef(torch.stack([back, native.float().flatten()]))[0, 1] > 0.9
 
 
 def test_digits_split_is_fixed_by_split_seed_disjoint_and_stratified():
@@ -172,7 +173,7 @@ def test_image_folder_grey_classes_split_and_cached_statistics(tmp_path, monkeyp
     assert isinstance(bundle.train_view, ImageTensors) and not isinstance(bundle.train_view, FolderImages)
     test = bundle.test.dataset
     assert test.images.shape == (30, 1, 12, 10) and test.images.dtype == torch.uint8
-    first = np.asarray(Image.open(root / "test" / "cat" / "00000.png"))
+    first = np.array(Image.open(root / "test" / "cat" / "00000.png"))
     assert torch.equal(test.images[0, 0], torch.from_numpy(first))
     assert torch.bincount(test.labels).tolist() == [10, 10, 10]
     # the classes differ in brightness, so the means per class rise with the label
@@ -302,7 +303,7 @@ def test_image_folder_trains_through_the_cli_and_keeps_class_names(tmp_path):
                    "logger=none", f"hydra.run.dir={run}", timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test/acc=" in proc.stdout
+    # the checkpoint's own data config finds the class names again (sorted folder names)
     state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
-    stored = compose([f"{k}={v}" for k, v in [("data", "image_folder"), ("data.root", state["config"]["data"]["root"])]])
-    assert data_info(stored.data).class_names == ("dark", "mid", "light")
+    assert data_info(OmegaConf.create(state["config"]["data"])).class_names == ("dark", "light", "mid")
 
