@@ -136,6 +136,14 @@ def test_mnist_reads_the_shared_sample(mnist_sample):
     assert torch.bincount(bundle.test.dataset.labels, minlength=10).min() > 50
 
 
+def test_a_missing_mnist_sample_fails_the_test_saying_where_to_put_it(tmp_path, monkeypatch):
+    import conftest
+
+    monkeypatch.setattr(conftest, "MNIST_SAMPLE", tmp_path / "nowhere")
+    with pytest.raises(pytest.fail.Exception, match=f"put train-images-idx3-ubyte.gz.* in {tmp_path / 'nowhere'}/MNIST/raw"):
+        conftest.mnist_sample_root()
+
+
 def test_mnist_missing_offline_says_which_files_where_and_that_digits_runs_offline(tmp_path):
     with pytest.raises(DataMissingError) as caught:
         build_data(data_cfg("data=mnist", f"data.root={tmp_path / 'none'}", "data.download=false"), seed=0)
