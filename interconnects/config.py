@@ -34,8 +34,8 @@ EXIT_WRITE_FAILED = 4  # a checkpoint or metrics file that could not be written
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # mnist | mnist_sample | fashion_mnist | cifar10 | cifar100
-    root: Optional[str] = "./data"  # mnist_sample: null means the sample bundled with the package
+    name: str = MISSING  # mnist | fashion_mnist | cifar10 | cifar100 | digits | image_folder
+    root: Optional[str] = "./data"  # digits: unused; image_folder: DIR with train/<class>/, test/<class>/
     download: bool = True
     batch_size: int = 128
     eval_batch_size: Optional[int] = None
@@ -45,6 +45,9 @@ class DataConfig:
     split_seed: int = 0
     augment: str = "none"  # none | crop | crop_flip | affine
     crop_padding: int = 2
+    image_size: Optional[int] = None  # resize to image_size × image_size (null: the dataset's own size)
+    channels: Optional[int] = None  # 1 (grey) or 3 (RGB); null: as stored (image_folder: the first image's)
+    max_memory_gb: float = 4.0  # image_folder: decode into memory up to this size, else read from disk
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Run experiments through train.py and print a markdown results table from what they wrote.
 
-    python scripts/results_table.py                              # every experiment on the bundled sample
-    python scripts/results_table.py --experiments quickstart,cnn_baseline --seeds 0,1,2
-    python scripts/results_table.py --data mnist --experiments mnist_grid   # full data, when present
+    python scripts/results_table.py                              # every experiment on the MNIST sample
+    python scripts/results_table.py --experiments quickstart --data digits --seeds 0,1,2
+    python scripts/results_table.py --root ./data --experiments mnist_grid   # full MNIST, when present
 
 Each row: experiment, parameters, epochs, wall time, machine, test accuracy (mean ± std over seeds),
 and the exact command. Runs go to outputs/results/<experiment>-<data>-s<seed>/.
@@ -52,7 +52,8 @@ def parameters(ckpt: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", default=",".join(SAMPLE_EXPERIMENTS))
-    parser.add_argument("--data", default="mnist_sample", help="data= option for every run")
+    parser.add_argument("--data", default="mnist", help="data= option for every run")
+    parser.add_argument("--root", default="../shared/datasets/mnist-sample", help="data.root= for every run")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
@@ -62,7 +63,8 @@ def main() -> None:
         accs, walls, params, epochs, command = [], [], None, None, None
         for seed in args.seeds.split(","):
             run = ROOT / "outputs" / "results" / f"{name}-{args.data}-s{seed}"
-            over = [f"experiment={name}", f"data={args.data}", f"seed={seed}", "trainer.progress=false", *args.overrides]
+            over = [f"experiment={name}", f"data={args.data}", f"data.root={args.root}", f"seed={seed}",
+                    "trainer.progress=false", *args.overrides]
             command = "python train.py " + " ".join(over)
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, "train.py", *over, f"hydra.run.dir={run}"], cwd=ROOT,
@@ -82,7 +84,7 @@ def main() -> None:
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         rows.append((name, f"{params:,}", epochs, f"{statistics.mean(walls):.0f} s", f"{statistics.mean(accs):.2f}{spread}",
                      len(accs), f"`{command.replace(f'seed={seed}', 'seed=S') if len(accs) > 1 else command}`"))
-    print(f"\nMachine: {machine()}; data: {args.data}\n")
+    print(f"\nMachine: {machine()}; data: {args.data} in {args.root}\n")
     print("| experiment | parameters | epochs | wall time (per run) | test acc % | seeds | command |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:

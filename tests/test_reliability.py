@@ -43,6 +43,7 @@ BASE = {
     "trainer.deterministic": "true",
     "trainer.progress": "false",
     "logger": "none",
+    "data": "digits",
     "backbone.width": "8",
     "gnn.hidden_channels": "8",
     "decoder.channels": "8",
@@ -282,7 +283,7 @@ def evil_files(tmp: Path) -> dict:
     marker2 = tmp / "pwned-by-config"
     crafted = tmp / "crafted-config.ckpt"
     config = {"backbone": {"_target_": "subprocess.Popen", "args": ["touch", str(marker2)]},
-              "data": {"name": "mnist_sample", "root": None}, "seed": 0}
+              "data": {"name": "digits", "root": None}, "seed": 0}
     torch.save({"format": FORMAT, "version": VERSION, "model": {}, "config": config}, crafted)
     return dict(marker=marker, evil=evil, marker2=marker2, crafted=crafted)
 

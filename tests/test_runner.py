@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import CONFIGS, TINY, compose, run_cli
+from conftest import CONFIGS, TINY, compose, make_image_folder, run_cli
 
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
@@ -18,21 +18,23 @@ def test_every_group_has_options():
     assert {"data", "backbone", "interconnect", "gnn", "decoder", "task", "optimizer", "scheduler",
             "trainer", "logger", "experiment", "debug"} <= set(GROUPS)
     names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
-    assert {"mnist", "fashion_mnist", "cifar10", "cifar100", "mnist_sample"} <= names["data"]
+    assert {"mnist", "fashion_mnist", "cifar10", "cifar100", "digits", "image_folder"} <= names["data"]
     assert {"grid", "keypoints", "knn"} <= names["interconnect"]
     assert {"tensorboard", "none"} <= names["logger"]
     assert "quickstart" in names["experiment"]
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_config_composes_and_instantiates(group, option):
+def test_config_composes_and_instantiates(group, option, tmp_path):
     from hydra.utils import instantiate
 
     from interconnects.data import check_data_config, data_info
     from interconnects.engine.loop import check_trainer_config, make_scheduler
     from interconnects.engine.run import build_task
 
-    cfg = compose([f"{group}={option}"])
+    # an image folder is read for its classes, channels and size: give it a small one
+    folder = [f"data.root={make_image_folder(tmp_path / 'pics')}"] if (group, option) == ("data", "image_folder") else []
+    cfg = compose([f"{group}={option}", *folder])
     check_data_config(cfg.data)
     check_trainer_config(cfg.trainer)
     task = build_task(cfg, data_info(cfg.data))

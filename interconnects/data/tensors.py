@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -24,6 +25,61 @@ def as_tensors(dataset) -> tuple[Tensor, Tensor]:
         images = images.permute(0, 3, 1, 2)
     labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
     return images.contiguous(), labels
+
+
+def resize_images(images: Tensor, size: tuple[int, int], chunk: int = 4096) -> Tensor:
+    """uint8 ``images [N, C, H, W]`` resized to ``size = (H', W')`` with bilinear interpolation
+    (antialiased when shrinking), rounded back to uint8 ``[N, C, H', W']``; unchanged when the size
+    already agrees. Works through ``chunk`` images at a time to bound the float copy."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    out = torch.empty((*images.shape[:2], *size), dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk].float()
+        part = torch.nn.functional.interpolate(part, size=tuple(size), mode="bilinear", align_corners=False,
+                                               antialias=True)
+        out[start:start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def fit_channels(images: Tensor, channels: int) -> Tensor:
+    """uint8 ``images [N, C, H, W]`` as ``channels`` (1 or 3) channels: grey repeated into RGB, or
+    RGB to grey by luminance."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return TF.grayscale_to_rgb(images)
+    return TF.rgb_to_grayscale(images, num_output_channels=1)
+
+
+def channel_mean_std(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 ``images [N, C, H, W]`` scaled to [0, 1],
+    accumulated in float64 over ``chunk`` images at a time."""
+    moments = ChannelMoments()
+    for start in range(0, len(images), chunk):
+        moments.update(images[start:start + chunk])
+    return moments.result()
+
+
+class ChannelMoments:
+    """Running per-channel sums of uint8 batches ``[B, C, H, W]``, for a mean and standard deviation
+    in [0, 1] units over images that are seen a batch at a time."""
+
+    def __init__(self) -> None:
+        self.count, self.total, self.squares = 0, None, None
+
+    def update(self, images: Tensor) -> None:
+        x = images.to(torch.float64).div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+        total, squares = x.sum(1), x.square().sum(1)
+        self.total = total if self.total is None else self.total + total
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.count += x.shape[1]
+
+    def result(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` per channel; std is at least 1e-3 so a constant channel still normalises."""
+        mean = self.total / self.count
+        std = (self.squares / self.count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+        return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
@@ -78,9 +134,13 @@ class ImageTensors(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def load(self, index: Tensor) -> Tensor:
+        """The uint8 images ``[B, C, H, W]`` at ``index [B]``."""
+        return self.images[index]
+
     def __getitems__(self, indices: list[int]):
         index = torch.as_tensor(indices, dtype=torch.long)
-        images = self.images[index]
+        images = self.load(index)
         generator = None
         if self.augment != "none":
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index[0]))
