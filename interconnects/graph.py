@@ -20,7 +20,8 @@ class GraphBatch:
         size: the feature map's ``(h, w)``.
         adj: dense adjacency ``[B, N, N]``, or ``[1, N, N]`` when every image shares it.
             ``adj[b, i, j]`` is the weight of the edge ``j → i`` (a message from ``j`` into ``i``),
-            so ``adj @ x`` aggregates each node's in-neighbours.
+            so ``adj @ x`` aggregates each node's in-neighbours. With an ``aggregator`` and no
+            ``adj`` given, reading ``adj`` builds the aggregator's matrix (once, cached).
         edge_index: ``[2, E]`` (source, target) over flat node ids ``b·N + n``.
         edge_weight: ``[E]``, one weight per column of ``edge_index``.
         aggregator: an adjacency *operator* standing for a shared ``[1, N, N]`` adjacency that is
@@ -54,7 +55,8 @@ class GraphBatch:
             raise ValueError(
                 f"GraphBatch.pos must be [B, N, 2] = {(*self.x.shape[:2], 2)}, got {tuple(self.pos.shape)}"
             )
-        if self.adj is None and self.edge_index is None and self.aggregator is None and self.neighbors is None:
+        adj = self.__dict__["_adj"]
+        if adj is None and self.edge_index is None and self.aggregator is None and self.neighbors is None:
             raise ValueError(
                 "GraphBatch needs edges: give adj [B|1, N, N], edge_index [2, E], an aggregator or neighbors [B, N, k]"
             )
@@ -77,12 +79,12 @@ class GraphBatch:
                     f"GraphBatch.edge_weight must be [E] = ({self.edge_index.shape[1]},), "
                     f"got {tuple(self.edge_weight.shape)}"
                 )
-        if self.adj is not None:
+        if adj is not None:
             n = self.x.shape[1]
-            if self.adj.dim() != 3 or self.adj.shape[1:] != (n, n) or self.adj.shape[0] not in (1, self.x.shape[0]):
+            if adj.dim() != 3 or adj.shape[1:] != (n, n) or adj.shape[0] not in (1, self.x.shape[0]):
                 raise ValueError(
                     f"GraphBatch.adj must be [B, N, N] or [1, N, N] with B={self.x.shape[0]}, N={n}; "
-                    f"got {tuple(self.adj.shape)}"
+                    f"got {tuple(adj.shape)}"
                 )
 
     # ---- sizes -----------------------------------------------------------------------------
@@ -102,6 +104,7 @@ class GraphBatch:
     # ---- views -----------------------------------------------------------------------------
     def replace(self, **changes) -> "GraphBatch":
         """A copy with some fields replaced, e.g. ``graph.replace(x=new_x)`` after a GNN layer."""
+        changes.setdefault("adj", self.__dict__["_adj"])  # without building an aggregator's matrix
         return dataclasses.replace(self, **changes)
 
     def flat_x(self) -> Tensor:
@@ -121,8 +124,6 @@ class GraphBatch:
         """Dense adjacency, ``[B, N, N]`` or the shared ``[1, N, N]``."""
         if self.adj is not None:
             return self.adj
-        if self.aggregator is not None:
-            return self.aggregator.dense()
         b, n = self.batch_size, self.num_nodes
         (src, dst), weight = self.sparse_edges()
         adj = torch.zeros(b * n * n, dtype=weight.dtype, device=weight.device)
@@ -141,7 +142,7 @@ class GraphBatch:
             if weight is None:
                 weight = torch.ones(self.edge_index.shape[1], dtype=self.x.dtype, device=self.x.device)
             return self.edge_index, weight
-        if self.adj is None and self.neighbors is not None:
+        if self.aggregator is None and self.adj is None and self.neighbors is not None:
             return self._neighbor_edges()
         adj = self.dense_adj()
         b, n = self.batch_size, self.num_nodes
@@ -196,3 +197,19 @@ class GraphBatch:
         batch._slice_dict = {"x": node_ptr, "edge_index": edge_ptr, "edge_weight": edge_ptr, "pos": node_ptr}
         batch._inc_dict = {"x": zeros, "edge_index": node_ptr[:-1], "edge_weight": zeros, "pos": zeros}
         return batch
+
+
+def _get_adj(self: GraphBatch):
+    adj = self.__dict__["_adj"]
+    if adj is None and self.aggregator is not None:
+        return self.aggregator.dense()
+    return adj
+
+
+def _set_adj(self: GraphBatch, value) -> None:
+    self.__dict__["_adj"] = value
+
+
+# ``adj`` is a dataclass field (constructor argument, ``replace``) whose reading is lazy: the frozen
+# dataclass's __init__ stores it through this property's setter
+GraphBatch.adj = property(_get_adj, _set_adj, doc="Dense adjacency ``[B|1, N, N]`` (built from ``aggregator`` when asked).")
