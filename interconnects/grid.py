@@ -24,9 +24,10 @@ GRID_EDGES = ("inverse_distance", "gaussian", "grid4", "grid8", "learned")
 GRID_AGGREGATE = ("auto", "dense", "fft")
 #: Edge schemes whose weight depends only on the offset between two cells (an FFT convolution).
 FFT_EDGES = ("inverse_distance", "gaussian")
-#: ``aggregate="auto"`` uses the FFT from this many nodes on. Measured on a 2-core CPU (one GCN layer,
-#: C = 64, batch 8, forward + backward; docs/benchmarks.md): dense is faster up to 12×12, FFT from 16×16.
-FFT_MIN_NODES = 196
+#: ``aggregate="auto"`` uses the FFT from this many nodes on: the crossover measured on the CPU (one GCN
+#: layer, C = 64, batch 8, forward + backward, one thread; docs/benchmarks.md): dense is faster at
+#: 32×32, the FFT at 48×48.
+FFT_MIN_NODES = 1600
 
 
 class DenseGrid(nn.Module):
