@@ -80,19 +80,47 @@ def set_self_loops(adj: Tensor, weight: float | None) -> Tensor:
     return adj.masked_fill(eye, weight)
 
 
+def inverse_sqrt_degree(deg: Tensor, eps: float = 1e-5) -> Tensor:
+    """``(deg + eps)^-1/2`` of degrees ``[...]``, finite for isolated nodes (``eps = 0`` is allowed)."""
+    return (deg + eps).clamp_min(1e-12).pow(-0.5)
+
+
 def normalize_symmetric(adj: Tensor, eps: float = 1e-5) -> Tensor:
     """Kipf–Welling normalisation ``D^-1/2 A D^-1/2`` of ``adj [..., N, N]``.
 
     Degrees are row sums of ``|A|``, so a learned adjacency with negative weights keeps its signs.
     """
-    inv_sqrt = (adj.abs().sum(-1) + eps).pow(-0.5)
+    inv_sqrt = inverse_sqrt_degree(adj.abs().sum(-1), eps)
     return inv_sqrt.unsqueeze(-1) * adj * inv_sqrt.unsqueeze(-2)
 
 
 def normalize_sparse(edge_index: Tensor, edge_weight: Tensor, num_nodes: int, eps: float = 1e-5) -> Tensor:
-    """The same normalisation for ``edge_index [2, E]`` / ``edge_weight [E]`` over ``num_nodes`` flat nodes."""
+    """The same normalisation for ``edge_index [2, E]`` / ``edge_weight [E]`` over ``num_nodes`` flat nodes.
+
+    Returns the normalised ``edge_weight [E]``.
+    """
     src, dst = edge_index
     deg = torch.zeros(num_nodes, dtype=edge_weight.dtype, device=edge_weight.device)
     deg.index_add_(0, dst, edge_weight.abs())  # row sums of |A|, as in normalize_symmetric
-    inv_sqrt = (deg + eps).pow(-0.5)
+    inv_sqrt = inverse_sqrt_degree(deg, eps)
     return inv_sqrt[src] * edge_weight * inv_sqrt[dst]
+
+
+def add_remaining_self_loops_dense(adj: Tensor) -> Tensor:
+    """``adj [..., N, N]`` with a self-loop of weight 1 on every node whose diagonal entry is 0."""
+    diag = adj.diagonal(dim1=-2, dim2=-1)
+    return adj + torch.diag_embed((diag == 0).to(adj.dtype))
+
+
+def add_remaining_self_loops(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
+    """Flat edges with exactly one self-loop per node: an existing loop keeps its weight, a missing one
+    gets 1. Returns ``(edge_index [2, E'], edge_weight [E'])``, the loops last in node order."""
+    src, dst = edge_index
+    is_loop = src == dst
+    loop_weight = torch.ones(num_nodes, dtype=edge_weight.dtype, device=edge_weight.device)
+    loop_weight[src[is_loop]] = edge_weight[is_loop]
+    loops = torch.arange(num_nodes, device=edge_index.device)
+    keep = ~is_loop
+    src = torch.cat([src[keep], loops])
+    dst = torch.cat([dst[keep], loops])
+    return torch.stack([src, dst]), torch.cat([edge_weight[keep], loop_weight])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,12 +20,22 @@ class GraphBatch:
         size: the feature map's ``(h, w)``.
         adj: dense adjacency ``[B, N, N]``, or ``[1, N, N]`` when every image shares it.
             ``adj[b, i, j]`` is the weight of the edge ``j → i`` (a message from ``j`` into ``i``),
-            so ``adj @ x`` aggregates each node's in-neighbours.
+            so ``adj @ x`` aggregates each node's in-neighbours. With an ``aggregator`` and no
+            ``adj`` given, reading ``adj`` builds the aggregator's matrix (once, cached).
         edge_index: ``[2, E]`` (source, target) over flat node ids ``b·N + n``.
         edge_weight: ``[E]``, one weight per column of ``edge_index``.
+        aggregator: an adjacency *operator* standing for a shared ``[1, N, N]`` adjacency that is
+            never materialised (the FFT convolution of a distance grid,
+            :class:`~interconnects.fft.GridConvolution`): ``aggregator.matmul(x [B, N, C])`` is
+            ``A·x``, ``aggregator.dense()`` the ``[1, N, N]`` matrix.
+        neighbors: the fixed-degree view of graphs where every node has ``k`` in-edges (kNN):
+            ``[B, N, k]`` int64 per-image node ids, ``neighbors[b, i, :]`` the sources of the edges
+            into node ``i`` of image ``b``. A self entry of weight 0 is padding, not an edge.
+        neighbor_weight: ``[B, N, k]`` weights of those edges (``None``: ones).
 
-    At least one of ``adj`` and ``edge_index`` is set; :meth:`dense_adj` and :meth:`sparse_edges`
-    give either view. The dense view of ``x`` is free and the flat ``[B·N, C]`` view is a reshape.
+    At least one of ``adj``, ``edge_index``, ``aggregator`` and ``neighbors`` is set;
+    :meth:`dense_adj` and :meth:`sparse_edges` give the dense and flat views from any of them
+    (built when asked). The dense view of ``x`` is free and the flat ``[B·N, C]`` view is a reshape.
     """
 
     x: Tensor
@@ -33,6 +44,9 @@ class GraphBatch:
     adj: Tensor | None = None
     edge_index: Tensor | None = None
     edge_weight: Tensor | None = None
+    aggregator: Any = None
+    neighbors: Tensor | None = None
+    neighbor_weight: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.dim() != 3:
@@ -41,8 +55,22 @@ class GraphBatch:
             raise ValueError(
                 f"GraphBatch.pos must be [B, N, 2] = {(*self.x.shape[:2], 2)}, got {tuple(self.pos.shape)}"
             )
-        if self.adj is None and self.edge_index is None:
-            raise ValueError("GraphBatch needs edges: give adj [B|1, N, N] or edge_index [2, E]")
+        adj = self.__dict__["_adj"]
+        if adj is None and self.edge_index is None and self.aggregator is None and self.neighbors is None:
+            raise ValueError(
+                "GraphBatch needs edges: give adj [B|1, N, N], edge_index [2, E], an aggregator or neighbors [B, N, k]"
+            )
+        if self.neighbors is not None:
+            if self.neighbors.dim() != 3 or self.neighbors.shape[:2] != self.x.shape[:2]:
+                raise ValueError(
+                    f"GraphBatch.neighbors must be [B, N, k] with [B, N] = {tuple(self.x.shape[:2])}, "
+                    f"got {tuple(self.neighbors.shape)}"
+                )
+            if self.neighbor_weight is not None and self.neighbor_weight.shape != self.neighbors.shape:
+                raise ValueError(
+                    f"GraphBatch.neighbor_weight must be [B, N, k] = {tuple(self.neighbors.shape)}, "
+                    f"got {tuple(self.neighbor_weight.shape)}"
+                )
         if self.edge_index is not None:
             if self.edge_index.dim() != 2 or self.edge_index.shape[0] != 2:
                 raise ValueError(f"GraphBatch.edge_index must be [2, E], got {tuple(self.edge_index.shape)}")
@@ -51,12 +79,12 @@ class GraphBatch:
                     f"GraphBatch.edge_weight must be [E] = ({self.edge_index.shape[1]},), "
                     f"got {tuple(self.edge_weight.shape)}"
                 )
-        if self.adj is not None:
+        if adj is not None:
             n = self.x.shape[1]
-            if self.adj.dim() != 3 or self.adj.shape[1:] != (n, n) or self.adj.shape[0] not in (1, self.x.shape[0]):
+            if adj.dim() != 3 or adj.shape[1:] != (n, n) or adj.shape[0] not in (1, self.x.shape[0]):
                 raise ValueError(
                     f"GraphBatch.adj must be [B, N, N] or [1, N, N] with B={self.x.shape[0]}, N={n}; "
-                    f"got {tuple(self.adj.shape)}"
+                    f"got {tuple(adj.shape)}"
                 )
 
     # ---- sizes -----------------------------------------------------------------------------
@@ -76,6 +104,7 @@ class GraphBatch:
     # ---- views -----------------------------------------------------------------------------
     def replace(self, **changes) -> "GraphBatch":
         """A copy with some fields replaced, e.g. ``graph.replace(x=new_x)`` after a GNN layer."""
+        changes.setdefault("adj", self.__dict__["_adj"])  # without building an aggregator's matrix
         return dataclasses.replace(self, **changes)
 
     def flat_x(self) -> Tensor:
@@ -96,10 +125,7 @@ class GraphBatch:
         if self.adj is not None:
             return self.adj
         b, n = self.batch_size, self.num_nodes
-        weight = self.edge_weight
-        if weight is None:
-            weight = torch.ones(self.edge_index.shape[1], dtype=self.x.dtype, device=self.x.device)
-        src, dst = self.edge_index
+        (src, dst), weight = self.sparse_edges()
         adj = torch.zeros(b * n * n, dtype=weight.dtype, device=weight.device)
         # flat id of (graph, target row, source col); index_put with accumulate sums duplicate edges
         graph = dst // n
@@ -116,7 +142,9 @@ class GraphBatch:
             if weight is None:
                 weight = torch.ones(self.edge_index.shape[1], dtype=self.x.dtype, device=self.x.device)
             return self.edge_index, weight
-        adj = self.adj
+        if self.aggregator is None and self.adj is None and self.neighbors is not None:
+            return self._neighbor_edges()
+        adj = self.dense_adj()
         b, n = self.batch_size, self.num_nodes
         graph, dst, src = adj.nonzero(as_tuple=True)
         weight = adj[graph, dst, src]
@@ -127,6 +155,17 @@ class GraphBatch:
         else:
             src, dst = src + graph * n, dst + graph * n
         return torch.stack([src, dst]), weight
+
+    def _neighbor_edges(self) -> tuple[Tensor, Tensor]:
+        b, n, k = self.neighbors.shape
+        offsets = (torch.arange(b, device=self.x.device) * n).view(b, 1, 1)
+        src = self.neighbors + offsets
+        dst = (torch.arange(n, device=self.x.device).view(1, n, 1) + offsets).expand(b, n, k)
+        weight = self.neighbor_weight
+        if weight is None:
+            weight = torch.ones(self.neighbors.shape, dtype=self.x.dtype, device=self.x.device)
+        real = (src != dst) | (weight != 0)  # zero-weight self entries are padding
+        return torch.stack([src[real], dst[real]]), weight[real]
 
     def to_pyg(self):
         """torch_geometric ``Batch`` with flat ``x``, ``edge_index``, ``edge_weight``, ``pos`` and ``batch``.
@@ -158,3 +197,19 @@ class GraphBatch:
         batch._slice_dict = {"x": node_ptr, "edge_index": edge_ptr, "edge_weight": edge_ptr, "pos": node_ptr}
         batch._inc_dict = {"x": zeros, "edge_index": node_ptr[:-1], "edge_weight": zeros, "pos": zeros}
         return batch
+
+
+def _get_adj(self: GraphBatch):
+    adj = self.__dict__["_adj"]
+    if adj is None and self.aggregator is not None:
+        return self.aggregator.dense()
+    return adj
+
+
+def _set_adj(self: GraphBatch, value) -> None:
+    self.__dict__["_adj"] = value
+
+
+# ``adj`` is a dataclass field (constructor argument, ``replace``) whose reading is lazy: the frozen
+# dataclass's __init__ stores it through this property's setter
+GraphBatch.adj = property(_get_adj, _set_adj, doc="Dense adjacency ``[B|1, N, N]`` (built from ``aggregator`` when asked).")

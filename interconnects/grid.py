@@ -11,14 +11,23 @@ from ._edges import (
     check_positive,
     distance_weights,
     grid_positions,
+    inverse_sqrt_degree,
     normalize_sparse,
     normalize_symmetric,
     pairwise_distance,
     set_self_loops,
 )
+from .fft import GridConvolution, offset_grid
 from .graph import GraphBatch
 
 GRID_EDGES = ("inverse_distance", "gaussian", "grid4", "grid8", "learned")
+GRID_AGGREGATE = ("auto", "dense", "fft")
+#: Edge schemes whose weight depends only on the offset between two cells (an FFT convolution).
+FFT_EDGES = ("inverse_distance", "gaussian")
+#: ``aggregate="auto"`` uses the FFT from this many nodes on: the crossover measured on the CPU (one GCN
+#: layer, C = 64, batch 8, forward + backward, one thread; docs/benchmarks.md): dense is faster at
+#: 32×32, the FFT at 48×48.
+FFT_MIN_NODES = 1600
 
 
 class DenseGrid(nn.Module):
@@ -40,9 +49,15 @@ class DenseGrid(nn.Module):
             (1 for distance schemes, none for ``grid4``/``grid8``, predicted for ``learned``).
         normalize: apply the symmetric degree normalisation ``D^-1/2 A D^-1/2``.
         hidden: width of the ``learned`` edge MLP.
+        aggregate: how distance schemes apply their shared adjacency: ``dense`` (the ``[1, N, N]``
+            matrix), ``fft`` (a 2-D convolution through ``torch.fft``, ``O(N log N)`` time and
+            ``O(N)`` memory, the graph's ``aggregator``; only ``inverse_distance`` and ``gaussian``)
+            or ``auto`` (``fft`` for those schemes from :data:`FFT_MIN_NODES` nodes on, the measured
+            crossover, else ``dense``).
 
     The edges do not depend on the image: distance schemes give a shared ``adj [1, N, N]`` built
-    once per map size; ``grid4``/``grid8`` give ``edge_index``/``edge_weight`` over the batch.
+    once per map size (or, with the FFT, its ``aggregator``, whose ``adj`` is built only when asked);
+    ``grid4``/``grid8`` give ``edge_index``/``edge_weight`` over the batch.
     """
 
     def __init__(
@@ -55,9 +70,16 @@ class DenseGrid(nn.Module):
         self_loop_weight: float | None = 1.0,
         normalize: bool = False,
         hidden: int = 64,
+        aggregate: str = "auto",
     ) -> None:
         super().__init__()
         check_choice("edges", edges, GRID_EDGES)
+        check_choice("aggregate", aggregate, GRID_AGGREGATE)
+        if aggregate == "fft" and edges not in FFT_EDGES:
+            raise ValueError(
+                f"aggregate='fft' needs edges in {', '.join(map(repr, FFT_EDGES))} (a weight that depends only on "
+                f"the offset between cells), got edges={edges!r}; use aggregate='auto' or 'dense'"
+            )
         check_positive("sigma", sigma)
         check_positive("cutoff", cutoff, allow_zero=True)
         check_positive("coord_scale", coord_scale)
@@ -67,6 +89,7 @@ class DenseGrid(nn.Module):
         self.sigma, self.cutoff, self.squared, self.coord_scale = sigma, cutoff, squared, coord_scale
         self.self_loop_weight = self_loop_weight
         self.normalize = normalize
+        self.aggregate = aggregate
         self.edge_mlp = (
             nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Tanh())
             if edges == "learned"
@@ -75,7 +98,16 @@ class DenseGrid(nn.Module):
         self._cache: dict = {}
 
     def extra_repr(self) -> str:
-        return f"edges={self.edges!r}, self_loop_weight={self.self_loop_weight}, normalize={self.normalize}"
+        return (
+            f"edges={self.edges!r}, self_loop_weight={self.self_loop_weight}, normalize={self.normalize}, "
+            f"aggregate={self.aggregate!r}"
+        )
+
+    def uses_fft(self, h: int, w: int) -> bool:
+        """Whether an ``h × w`` map is aggregated by FFT (``aggregate`` and the scheme decide)."""
+        if self.edges not in FFT_EDGES or self.aggregate == "dense":
+            return False
+        return self.aggregate == "fft" or h * w >= FFT_MIN_NODES
 
     def forward(self, fmap: Tensor) -> GraphBatch:
         """``fmap [B, C, h, w]`` → GraphBatch with ``x [B, h·w, C]``, ``pos [B, h·w, 2]``."""
@@ -92,6 +124,8 @@ class DenseGrid(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 self._cache[key] = self._build(h, w, fmap.device, fmap.dtype)
         edges = self._cache[key]
+        if isinstance(edges, GridConvolution):
+            return GraphBatch(x=x, pos=pos, size=(h, w), aggregator=edges)
         if isinstance(edges, Tensor):
             return GraphBatch(x=x, pos=pos, size=(h, w), adj=edges)
         edge_index, edge_weight = edges
@@ -103,12 +137,29 @@ class DenseGrid(nn.Module):
         pos = grid_positions(h, w, device, torch.float32)
         if self.edges in ("grid4", "grid8"):
             return self._neighbour_edges(pos, h * w, dtype)
+        if self.uses_fft(h, w):
+            return self._convolution(h, w, device, dtype)
         dist = pairwise_distance(pos, self.coord_scale)
         adj = distance_weights(dist, self.edges, self.sigma, self.cutoff, self.squared)
         adj = set_self_loops(adj, self.self_loop_weight)
         if self.normalize:
             adj = normalize_symmetric(adj)
         return adj.to(dtype).unsqueeze(0)
+
+    def _convolution(self, h: int, w: int, device, dtype) -> GridConvolution:
+        """The same adjacency as :meth:`_build` as a convolution kernel over cell offsets."""
+        dr, dc = offset_grid(h, w, device)
+        dist = (dr * dr + dc * dc).sqrt()
+        if self.coord_scale != 1.0:
+            dist = dist * self.coord_scale
+        kernel = distance_weights(dist, self.edges, self.sigma, self.cutoff, self.squared)
+        if self.self_loop_weight is not None:
+            kernel[h - 1, w - 1] = self.self_loop_weight  # offset (0, 0): the diagonal
+        op = GridConvolution(kernel, (h, w), dtype=dtype)
+        if self.normalize:
+            scale = inverse_sqrt_degree(op.abs_row_sums())  # eps as normalize_symmetric's
+            op = op.scale(scale, scale)
+        return op
 
     def _neighbour_edges(self, pos: Tensor, n: int, dtype) -> tuple[Tensor, Tensor]:
         offset = (pos.unsqueeze(1) - pos.unsqueeze(0)).abs()  # [N, N, 2]

@@ -266,3 +266,62 @@ def test_none_accepts_zero_layers_and_wrong_channels_raise():
     assert GNNHead(C, "none", num_layers=0).num_layers == 0
     with pytest.raises(ValueError, match="in_channels"):
         GNNHead(C + 1, "gcn")(shared_graph())
+
+
+# ---- the layer table and user layers ------------------------------------------------------------
+class SumConv(torch.nn.Module):
+    """A user's layer following the contract: ``Linear(x + A·x)`` on the dense path only."""
+
+    supports_sparse = False
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.lin = torch.nn.Linear(in_channels, out_channels)
+
+    def forward(self, x, adj, edge_index, edge_weight):
+        return self.lin(x + torch.matmul(adj, x))
+
+
+def test_layer_table_is_the_one_source():
+    from interconnects.models.layers import LAYERS, resolve_layer
+
+    assert GNN_LAYERS == tuple(LAYERS)
+    for name, cls in LAYERS.items():
+        assert resolve_layer(name) is cls
+    assert resolve_layer("interconnects.models.layers.GINLayer") is LAYERS["gin"]
+
+
+def test_dotted_path_user_layer():
+    head = GNNHead(C, "interconnects.models.layers.GINLayer", hidden_channels=HIDDEN, num_layers=2)
+    assert isinstance(head.convs[0], type(GNNHead(C, "gin").convs[0]))
+    # a user's class without the flags: default dense + sparse, weights, norm and residual built
+    user = GNNHead(C, SumConv, hidden_channels=HIDDEN, num_layers=2, norm=None, act="identity", residual=False)
+    graph = sparse_graph()  # only sparse edges: the dense-only layer gets the dense adjacency
+    adj = graph.dense_adj()
+    first = user.convs[0].lin(graph.x + adj @ graph.x)
+    torch.testing.assert_close(user(graph).x, user.convs[1].lin(first + adj @ first))
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        ("torch.nn.Linear", "missing adj, edge_index, edge_weight"),
+        ("collections.OrderedDict", "not an nn.Module class"),
+        ("nowhere_pkg.layers.Conv", "cannot be imported"),
+        ("torch.nn.ReLU", "constructor must take"),
+        ("transformer", "dotted path"),
+    ],
+)
+def test_dotted_path_errors_name_what_is_missing(layer, message):
+    with pytest.raises(ValueError, match=message) as info:
+        GNNHead(C, layer)
+    assert f"layer={layer!r}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_propagate_and_identity_are_one_layer():
+    from interconnects.models.layers import IdentityLayer, Propagate
+
+    assert issubclass(IdentityLayer, Propagate) and IdentityLayer.steps == 0
+    graph = shared_graph()
+    assert IdentityLayer(C)(graph.x, graph.adj) is graph.x
+    torch.testing.assert_close(Propagate(C)(graph.x, graph.adj), torch.matmul(graph.adj, graph.x))
