@@ -53,6 +53,8 @@ class HybridModel(nn.Module):
         fmap = self.backbone(image)
         if self.interconnect is None:
             return fmap, None
+        if getattr(self.interconnect, "needs_image", False):  # e.g. keypoints from a detector on the image
+            interconnect_inputs = {"image": image, **interconnect_inputs}
         graph = self.interconnect(fmap, **interconnect_inputs)
         if self.gnn is not None:
             graph = self.gnn(graph)
