@@ -76,7 +76,7 @@ def distinct_cells(cells: Tensor, h: int, w: int) -> Tensor:
 
 
 class Keypoints(nn.Module):
-    """CNN → graph over ``K`` chosen cells: ``(fmap [B, C, h, w], keypoints=None, scores=None) -> GraphBatch``.
+    """CNN → graph over ``K`` chosen cells: ``(fmap [B, C, h, w], keypoints=None, scores=None, image=None) -> GraphBatch``.
 
     ``N = K``. Node features are gathered from the chosen cells, differentiably: the gradient of the
     node features reaches exactly those cells.
@@ -90,9 +90,8 @@ class Keypoints(nn.Module):
             mapped to cells by the stride: ``cell = (row·h // H, col·w // W)``; the Python API's
             mode), ``detector`` (the K cells holding the strongest detections of a classical
             ``detector`` on the input image, mapped to cells the same way; the command line's mode),
-            ``random`` (K random
-            distinct cells per image while training, an augmentation; the lattice in eval mode) or
-            ``lattice`` (a fixed regular pattern).
+            ``random`` (K random distinct cells per image while training, an augmentation; the
+            lattice in eval mode) or ``lattice`` (a fixed regular pattern).
         edges: per-image edges over the keypoints' cell positions: ``inverse_distance``
             (``1 / (1 + d)``), ``gaussian`` (``exp(-d² / σ²)``, under ``cutoff`` dropped) or ``knn``
             (each node to its ``k`` nearest keypoints, weight 1).
