@@ -76,7 +76,8 @@ def distinct_cells(cells: Tensor, h: int, w: int) -> Tensor:
 
 
 class Keypoints(nn.Module):
-    """CNN → graph over ``K`` chosen cells: ``(fmap [B, C, h, w], keypoints=None, scores=None, image=None) -> GraphBatch``.
+    """CNN → graph over ``K`` chosen cells:
+    ``(fmap [B, C, h, w], keypoints=None, scores=None, image=None) -> GraphBatch``.
 
     ``N = K``. Node features are gathered from the chosen cells, differentiably: the gradient of the
     node features reaches exactly those cells.

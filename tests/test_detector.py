@@ -54,10 +54,10 @@ def test_corner_lands_in_its_cell_when_the_stride_does_not_divide():
 def test_intensity_picks_the_brightest_blob():
     rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     blobs = [((5, 22), (20, 6)), ((25, 25), (2, 9))]  # (brightest, dimmer) centre per image
-    image = torch.stack([
-        torch.exp(-((rows - a[0]) ** 2 + (cols - a[1]) ** 2) / 4) + 0.6 * torch.exp(-((rows - b[0]) ** 2 + (cols - b[1]) ** 2) / 4)
-        for a, b in blobs
-    ]).unsqueeze(1)
+    def blob(r, c):
+        return torch.exp(-((rows - r) ** 2 + (cols - c) ** 2) / 4)
+
+    image = torch.stack([blob(*a) + 0.6 * blob(*b) for a, b in blobs]).unsqueeze(1)
     g = Keypoints(2, select="detector", detector="intensity")(torch.randn(2, 4, 7, 7), image=image)
     assert cells_of(g) == [[(a[0] // 4, a[1] // 4), (b[0] // 4, b[1] // 4)] for a, b in blobs]
 
