@@ -177,11 +177,17 @@ class DenseGrid(nn.Module):
         return edge_index, weight.to(dtype)
 
     def _learned_adj(self, h: int, w: int, fmap: Tensor) -> Tensor:
-        pos = grid_positions(h, w, fmap.device, torch.float32)
+        """``adj [1, h·w, h·w]``: ``adj[i, j] = edge_mlp(xy_j, xy_i)`` over standardised ``(x, y) = (col, row)``.
+
+        The published model's formula, input order included: ``(x, y)`` of the source pixel ``j``,
+        then of the target ``i`` (which receives ``Σ_j adj[i, j]·x_j``), each coordinate
+        standardised over the grid with the population standard deviation plus ``1e-5``.
+        """
+        xy = grid_positions(h, w, fmap.device, torch.float32).flip(-1)
         if h * w > 1:
-            pos = (pos - pos.mean(0)) / (pos.std(0, unbiased=False) + 1e-5)
+            xy = (xy - xy.mean(0)) / (xy.std(0, unbiased=False) + 1e-5)
         n = h * w
-        pairs = torch.cat([pos.unsqueeze(0).expand(n, n, 2), pos.unsqueeze(1).expand(n, n, 2)], dim=-1)
+        pairs = torch.cat([xy.unsqueeze(0).expand(n, n, 2), xy.unsqueeze(1).expand(n, n, 2)], dim=-1)
         adj = self.edge_mlp(pairs.to(self.edge_mlp[0].weight.dtype)).squeeze(-1)
         adj = set_self_loops(adj, self.self_loop_weight)
         if self.normalize:

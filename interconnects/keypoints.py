@@ -17,9 +17,10 @@ from ._edges import (
     pairwise_distance,
     set_self_loops,
 )
+from .detectors import DETECTORS, cell_scores
 from .graph import GraphBatch
 
-KEYPOINT_SELECT = ("topk", "given", "random", "lattice")
+KEYPOINT_SELECT = ("topk", "given", "detector", "random", "lattice")
 KEYPOINT_EDGES = ("inverse_distance", "gaussian", "knn")
 
 
@@ -35,8 +36,48 @@ def lattice_cells(num_keypoints: int, h: int, w: int, device=None) -> Tensor:
     return (r.unsqueeze(1) * w + c.unsqueeze(0)).flatten()[:num_keypoints]
 
 
+def fallback_order(num_keypoints: int, h: int, w: int, device=None) -> Tensor:
+    """``[h·w]`` every cell id once: the :func:`lattice_cells` of ``K`` first, then the rest row-major.
+
+    The order in which cells fill the places a detector or the given keypoints leave open, so that
+    a blank image gets the lattice, deterministically.
+    """
+    n = h * w
+    rank = torch.arange(n, device=device) + num_keypoints  # after every lattice cell
+    rank[lattice_cells(num_keypoints, h, w, device)] = torch.arange(num_keypoints, device=device)
+    return rank.argsort()
+
+
+def top_cells(keys: tuple[Tensor, ...], num_keypoints: int, h: int, w: int) -> Tensor:
+    """``[B, K]`` distinct cell ids, the K best by ``keys`` (each ``[B, h·w]``, higher first).
+
+    Ties on the first key are broken by the second, and so on; cells equal on every key come in
+    :func:`fallback_order`. Stable sorts make the choice deterministic.
+    """
+    order = fallback_order(num_keypoints, h, w, keys[0].device).expand(keys[0].shape[0], -1)
+    for key in reversed(keys):  # least significant first: each stable sort keeps the order of ties
+        order = order.gather(1, key.gather(1, order).sort(dim=1, descending=True, stable=True).indices)
+    return order[:, :num_keypoints]
+
+
+def distinct_cells(cells: Tensor, h: int, w: int) -> Tensor:
+    """``cells [B, K]`` with every repeat of an earlier cell replaced by an unused one: ``[B, K]`` distinct.
+
+    Cells seen first keep their place; the repeats take the unused cells in :func:`fallback_order`.
+    """
+    b, k = cells.shape
+    same = cells.unsqueeze(2) == cells.unsqueeze(1)  # [B, K, K]
+    repeat = (same & torch.ones(k, k, dtype=torch.bool, device=cells.device).tril(-1)).any(-1)
+    used = torch.zeros(b, h * w, dtype=torch.bool, device=cells.device).scatter_(1, cells, True)
+    order = fallback_order(k, h, w, cells.device).expand(b, -1)
+    unused = order.gather(1, used.gather(1, order).to(torch.uint8).sort(dim=1, stable=True).indices)
+    fill = unused.gather(1, (repeat.cumsum(1) - 1).clamp(min=0))
+    return torch.where(repeat, fill, cells)
+
+
 class Keypoints(nn.Module):
-    """CNN → graph over ``K`` chosen cells: ``(fmap [B, C, h, w], keypoints=None, scores=None) -> GraphBatch``.
+    """CNN → graph over ``K`` chosen cells:
+    ``(fmap [B, C, h, w], keypoints=None, scores=None, image=None) -> GraphBatch``.
 
     ``N = K``. Node features are gathered from the chosen cells, differentiably: the gradient of the
     node features reaches exactly those cells.
@@ -47,19 +88,30 @@ class Keypoints(nn.Module):
             over fmap when no scores are given; node features are scaled by the sigmoid of their
             score, as top-k pooling does, so the score branch is trained), ``given`` (``keypoints
             [B, K, 2]`` integer (row, col) pixel coordinates in an input image of ``image_size``,
-            mapped to cells by the stride: ``cell = (row·h // H, col·w // W)``), ``random`` (K random
-            distinct cells per image while training, an augmentation; the lattice in eval mode) or
-            ``lattice`` (a fixed regular pattern).
+            mapped to cells by the stride: ``cell = (row·h // H, col·w // W)``; the Python API's
+            mode), ``detector`` (the K cells holding the strongest detections of a classical
+            ``detector`` on the input image, mapped to cells the same way; the command line's mode),
+            ``random`` (K random distinct cells per image while training, an augmentation; the
+            lattice in eval mode) or ``lattice`` (a fixed regular pattern).
         edges: per-image edges over the keypoints' cell positions: ``inverse_distance``
             (``1 / (1 + d)``), ``gaussian`` (``exp(-d² / σ²)``, under ``cutoff`` dropped) or ``knn``
             (each node to its ``k`` nearest keypoints, weight 1).
         image_size: ``(H, W)`` of the input image, required by ``select="given"``.
+        detector: for ``select="detector"``: ``harris`` or ``shi_tomasi`` (corner response of the
+            structure tensor from Sobel gradients), or ``intensity`` (the brightest points); see
+            :func:`interconnects.detectors.detector_response`.
+        nms_size: the window of the detector's non-maximum suppression, in pixels (odd).
+        detector_sigma: the width, in pixels, of the detector's Gaussian window.
         in_channels: channels of fmap for the ``topk`` score conv (inferred on first call when None).
         k: neighbours for ``edges="knn"``.
         self_loop_weight: the weight put on the diagonal; ``None`` keeps the scheme's own.
         normalize: symmetric degree normalisation ``D^-1/2 A D^-1/2``.
 
     Each image's adjacency ``adj [B, K, K]`` depends only on its own keypoints.
+
+    With ``given`` and ``detector`` the K cells are always distinct: keypoints that fall in a cell
+    already taken, or an image with fewer than K detections, are filled up deterministically
+    (detections first by strength, then cells by their strongest response, then the lattice).
     """
 
     def __init__(
@@ -74,6 +126,9 @@ class Keypoints(nn.Module):
         k: int = 8,
         self_loop_weight: float | None = 1.0,
         normalize: bool = False,
+        detector: str = "harris",
+        nms_size: int = 3,
+        detector_sigma: float = 1.0,
     ) -> None:
         super().__init__()
         if isinstance(num_keypoints, bool) or not isinstance(num_keypoints, int) or num_keypoints < 1:
@@ -81,6 +136,10 @@ class Keypoints(nn.Module):
         check_choice("select", select, KEYPOINT_SELECT)
         check_choice("edges", edges, KEYPOINT_EDGES)
         check_positive("sigma", sigma)
+        check_choice("detector", detector, DETECTORS)
+        if isinstance(nms_size, bool) or not isinstance(nms_size, int) or nms_size < 1 or nms_size % 2 == 0:
+            raise ValueError(f"nms_size={nms_size!r} is out of range; it must be an odd integer ≥ 1")
+        check_positive("detector_sigma", detector_sigma)
         if edges == "knn" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < num_keypoints):
             raise ValueError(f"k={k!r} is out of range; with edges='knn' it must be an integer in [1, {num_keypoints - 1}]")
         if select == "given":
@@ -92,15 +151,27 @@ class Keypoints(nn.Module):
         self.image_size = image_size
         self.sigma, self.cutoff, self.k = sigma, cutoff, k
         self.self_loop_weight, self.normalize = self_loop_weight, normalize
+        self.detector, self.nms_size, self.detector_sigma = detector, nms_size, detector_sigma
         self.score = None
         if select == "topk":
             self.score = nn.Conv2d(in_channels, 1, 1) if in_channels else nn.LazyConv2d(1, 1)
 
-    def extra_repr(self) -> str:
-        return f"num_keypoints={self.num_keypoints}, select={self.select!r}, edges={self.edges!r}"
+    @property
+    def needs_image(self) -> bool:
+        """Whether :meth:`forward` needs the input image (``select="detector"``): the model passes it as ``image=``."""
+        return self.select == "detector"
 
-    def forward(self, fmap: Tensor, keypoints: Tensor | None = None, scores: Tensor | None = None) -> GraphBatch:
-        """``fmap [B, C, h, w]`` → GraphBatch with ``x [B, K, C]``, ``pos [B, K, 2]``, ``adj [B, K, K]``."""
+    def extra_repr(self) -> str:
+        detector = f", detector={self.detector!r}" if self.select == "detector" else ""
+        return f"num_keypoints={self.num_keypoints}, select={self.select!r}{detector}, edges={self.edges!r}"
+
+    def forward(self, fmap: Tensor, keypoints: Tensor | None = None, scores: Tensor | None = None,
+                image: Tensor | None = None) -> GraphBatch:
+        """``fmap [B, C, h, w]`` → GraphBatch with ``x [B, K, C]``, ``pos [B, K, 2]``, ``adj [B, K, K]``.
+
+        ``keypoints [B, K, 2]``: for ``select="given"``; ``scores [B, 1, h, w]``: optional for
+        ``topk``; ``image [B, C_in, H, W]``: the input image, for ``select="detector"``.
+        """
         check_fmap(fmap)
         b, c, h, w = fmap.shape
         k = self.num_keypoints
@@ -108,7 +179,9 @@ class Keypoints(nn.Module):
             raise ValueError(f"num_keypoints={k} is out of range for a {h}×{w} feature map; it must be in [1, {h * w}]")
         logit = None  # [B, K] score of each chosen cell, with gradient, for the top-k gate
         if self.select == "given":
-            cells = self._cells_from_keypoints(keypoints, b, h, w)
+            cells = distinct_cells(self._cells_from_keypoints(keypoints, b, h, w), h, w)
+        elif self.select == "detector":
+            cells = self._cells_from_image(image, b, h, w)
         elif self.select == "topk":
             if scores is not None:
                 if scores.shape != (b, 1, h, w):
@@ -160,7 +233,11 @@ class Keypoints(nn.Module):
 
     def _cells_from_keypoints(self, keypoints: Tensor | None, b: int, h: int, w: int) -> Tensor:
         if keypoints is None:
-            raise ValueError("keypoints [B, K, 2] are required by select='given'")
+            raise ValueError(
+                "select='given' is the Python API's mode: it needs keypoints [B, K, 2] passed as "
+                "model(image, keypoints=...); on the command line use interconnect.select=detector "
+                f"(interconnect.detector={'|'.join(DETECTORS)})"
+            )
         if keypoints.dim() != 3 or keypoints.shape[-1] != 2:
             raise ValueError(f"keypoints must be [B, K, 2] (row, col), got {tuple(keypoints.shape)}")
         if keypoints.shape[0] != b:
@@ -183,6 +260,16 @@ class Keypoints(nn.Module):
                 f"cols [{int(col.min())}, {int(col.max())}]"
             )
         return (row * h // H) * w + (col * w // W)
+
+    def _cells_from_image(self, image: Tensor | None, b: int, h: int, w: int) -> Tensor:
+        if image is None:
+            raise ValueError("select='detector' needs the input image: call forward(fmap, image=image) "
+                             "(HybridModel passes it, as needs_image is true)")
+        if image.dim() != 4 or image.shape[0] != b:
+            raise ValueError(f"image must be [B, C, H, W] with B = {b}, got {tuple(image.shape)}")
+        with torch.no_grad():
+            peak, response = cell_scores(image, (h, w), self.detector, self.nms_size, self.detector_sigma)
+            return top_cells((peak, response), self.num_keypoints, h, w)
 
     def _adjacency(self, pos: Tensor) -> Tensor:
         dist = pairwise_distance(pos)
