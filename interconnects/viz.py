@@ -135,8 +135,9 @@ def strongest_neighbours(adj: Tensor, nodes: Tensor, count: int) -> tuple[Tensor
 
 
 def _xy(pixels: Tensor) -> Tensor:
-    """(row, col) → the (x, y) order ``draw_keypoints`` takes."""
-    return pixels.flip(-1)
+    """(row, col) → the (x, y) order ``draw_keypoints`` takes, rounded to the nearest pixel
+    (``draw_keypoints`` would truncate)."""
+    return pixels.flip(-1).round()
 
 
 def _tile(pictures: Tensor | list[Tensor], nrow: int) -> Tensor:
