@@ -3,6 +3,7 @@ methods, and the plotting scripts on a run and a sweep written here (no training
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -13,7 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import compose, run_cli
+from conftest import ROOT, compose, run_cli
 
 TINY_MODEL = ["backbone.width=4", "gnn.hidden_channels=8", "decoder.channels=8"]
 MEAN, STD = (0.1307,), (0.3081,)
@@ -37,6 +38,14 @@ def _decode(picture: torch.Tensor) -> Image.Image:
     buffer = io.BytesIO()
     Image.fromarray((picture.permute(1, 2, 0) * 255).round().byte().numpy()).save(buffer, format="PNG")
     return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def _script(name: str):
+    """A script of ``scripts/`` imported as a module, to call its ``main(argv)`` in this process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _png_files(folder):
@@ -282,16 +291,15 @@ def test_plot_run_writes_curves_and_the_latest_pictures(tmp_path):
 
 def test_plot_run_without_event_files_plots_metrics_json(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"val/acc": 0.9, "test/acc": 0.8, "val/loss": 0.3, "steps": 40}))
-    done = run_cli("scripts/plot_run.py", str(tmp_path), timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert _script("plot_run").main([str(tmp_path)]) == 0
     assert {p.name for p in _png_files(tmp_path / "plots")} == {"acc.png", "loss.png"}
 
 
-def test_plot_run_on_a_folder_that_is_not_a_run(tmp_path):
-    done = run_cli("scripts/plot_run.py", str(tmp_path), timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "is not a run directory" in done.stderr
-    assert str(tmp_path) in done.stderr
+def test_plot_run_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert _script("plot_run").main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "is not a run directory" in err and str(tmp_path) in err
+    assert not (tmp_path / "plots").exists()
 
 
 def _write_sweep(sweep_dir):
@@ -314,16 +322,15 @@ def test_plot_sweep_plots_each_swept_parameter(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "job 4 has no metrics.json" in done.stdout
     assert {p.name for p in _png_files(tmp_path / "plots")} == {"optimizer.lr.png", "interconnect.png"}  # not seed
-    done = run_cli("scripts/plot_sweep.py", str(tmp_path), "--metric", "test/acc", "--out", str(tmp_path / "t"),
-                   timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert _script("plot_sweep").main([str(tmp_path), "--metric", "test/acc", "--out", str(tmp_path / "t")]) == 0
     assert len(_png_files(tmp_path / "t")) == 2
 
 
-def test_plot_sweep_on_a_folder_that_is_not_a_sweep(tmp_path):
-    done = run_cli("scripts/plot_sweep.py", str(tmp_path), timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "is not a sweep directory" in done.stderr
+def test_plot_sweep_on_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    plot_sweep = _script("plot_sweep")
+    assert plot_sweep.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "is not a sweep directory" in err
     _write_sweep(tmp_path)
-    done = run_cli("scripts/plot_sweep.py", str(tmp_path), "--metric", "val/psnr", timeout=120)
-    assert done.returncode == 2 and "val/psnr" in done.stderr
+    assert plot_sweep.main([str(tmp_path), "--metric", "val/psnr"]) == 2
+    assert "val/psnr" in capsys.readouterr().err
