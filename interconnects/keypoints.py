@@ -217,6 +217,13 @@ class Keypoints(nn.Module):
         pos = torch.stack([cells // w, cells % w], dim=-1).float()
         return GraphBatch(x=x, pos=pos, size=(h, w), adj=self._adjacency(pos).to(fmap.dtype))
 
+    def score_map(self, fmap: Tensor) -> Tensor | None:
+        """The learned score of every cell, ``fmap [B, C, h, w] -> [B, 1, h, w]``, whose ``K`` highest
+        cells ``select="topk"`` chooses (before the sigmoid gate); ``None`` for the other selections."""
+        if self.score is None:
+            return None
+        return self.score(fmap.to(self.score.weight.dtype))
+
     def _pointwise_score(self) -> bool:
         """Whether ``score`` is a built plain 1×1 convolution to one channel (a per-cell dot product)."""
         conv = self.score

@@ -1,18 +1,270 @@
-"""Pictures of what a model does (placeholder until the drawing module lands)."""
+"""Pictures of what a hybrid model does: pure functions of tensors and modules.
+
+Drawing is torchvision's (``draw_keypoints`` with ``connectivity`` for edges, ``make_grid``) and
+matplotlib's (colour maps, figures); this module only decides what to draw where.
+
+Pixel convention. A feature map ``h × w`` made from an ``H × W`` image has strides
+``s_h = H / h`` and ``s_w = W / w``; cell ``(r, c)`` covers the pixel block
+``[r·s_h, (r + 1)·s_h) × [c·s_w, (c + 1)·s_w)`` (the block ``Keypoints(select="given")`` maps a pixel
+back from: ``cell = row·h // H``) and is drawn at the block's centre, in pixel-index coordinates
+(pixel ``i`` is centred on ``i``)::
+
+    (row, col) = ((r + 0.5)·s_h − 0.5, (c + 0.5)·s_w − 0.5)
+
+Images are upscaled by an integer factor ``u`` (nearest neighbour) before drawing, so that dots and
+lines are visible on 28 × 28 digits; pixel ``p`` of the input is centred on ``(p + 0.5)·u − 0.5`` of
+the picture, which is the same formula with the stride ``s·u``.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
 
-def graph_pictures(model, images, mean, std) -> dict:
-    return {}
+import matplotlib
+import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.utils import draw_keypoints, make_grid
+
+#: Node colours, one per drawn neighbourhood (matplotlib's ``tab10``), as RGB byte tuples.
+PALETTE = [tuple(int(round(255 * v)) for v in rgb) for rgb in matplotlib.colormaps["tab10"].colors]
+KEYPOINT_COLOR = (255, 64, 64)
 
 
-def confusion_figure(confusion, class_names):
-    import matplotlib
+def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Undo the dataset normalisation: ``images [B, C, H, W]`` → ``[B, C, H, W]`` in ``[0, 1]``."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() * std + mean).clamp(0.0, 1.0)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(confusion.numpy())
+def cell_to_pixel(pos: Tensor, fmap_size: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
+    """Feature-map cells ``pos [..., 2]`` (row, col) → pixel centres ``[..., 2]`` (row, col) of an
+    image of ``image_size`` (the module's pixel convention: ``(r + 0.5)·stride − 0.5``)."""
+    stride = torch.tensor([image_size[0] / fmap_size[0], image_size[1] / fmap_size[1]],
+                          dtype=torch.float32, device=pos.device)
+    return (pos.float() + 0.5) * stride - 0.5
+
+
+def upscale_factor(image_size: tuple[int, int], min_size: int) -> int:
+    """The integer factor that makes the longer side of ``image_size`` at least ``min_size``."""
+    return max(1, math.ceil(min_size / max(image_size)))
+
+
+def to_canvas(images: Tensor, factor: int) -> Tensor:
+    """``images [B, C, H, W]`` in ``[0, 1]`` (C = 1 or 3) → ``[B, 3, H·factor, W·factor]`` uint8,
+    grey repeated to RGB and upscaled by nearest neighbour: what ``draw_keypoints`` draws on."""
+    images = images.float()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    elif images.shape[1] != 3:
+        images = images[:, :1].expand(-1, 3, -1, -1)  # only the first channel can be shown as grey
+    if factor > 1:
+        images = F.interpolate(images, scale_factor=factor, mode="nearest")
+    return (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def colorize(values: Tensor, cmap: str = "magma") -> Tensor:
+    """A heat map: ``values [B, h, w]`` → ``[B, 3, h, w]`` float in ``[0, 1]``, each map scaled
+    to its own minimum and maximum, coloured with the matplotlib colour map ``cmap``."""
+    values = values.detach().float()
+    low = values.amin(dim=(1, 2), keepdim=True)
+    high = values.amax(dim=(1, 2), keepdim=True)
+    scaled = (values - low) / (high - low).clamp_min(1e-12)
+    lut = torch.tensor(matplotlib.colormaps[cmap](torch.linspace(0, 1, 256).numpy())[:, :3],
+                       dtype=torch.float32, device=values.device)
+    return lut[(scaled * 255).round().long()].permute(0, 3, 1, 2)
+
+
+def image_rows(*rows: Tensor, padding: int = 2) -> Tensor:
+    """One picture with each of ``rows`` (``[N, C, H, W]`` in ``[0, 1]``, the same shape) as a row:
+    inputs above their reconstructions, for example. Returns ``[C', H', W']`` in ``[0, 1]``."""
+    if not rows:
+        raise ValueError("image_rows needs at least one row of images")
+    shapes = {tuple(r.shape) for r in rows}
+    if len(shapes) != 1 or rows[0].dim() != 4:
+        raise ValueError(f"image_rows needs rows of the same shape [N, C, H, W], got {sorted(shapes)}")
+    stacked = torch.cat([r.detach().float().cpu().clamp(0, 1) for r in rows])
+    return make_grid(stacked, nrow=rows[0].shape[0], padding=padding, pad_value=1.0)
+
+
+def spread_nodes(pos: Tensor, activity: Tensor, size: tuple[int, int], count: int) -> tuple[Tensor, Tensor]:
+    """Pick up to ``count`` nodes per graph spread over the map: the map is cut into a ``g × g``
+    lattice of regions (``g = ceil(sqrt(count))``) and each region gives its most active node.
+
+    Args:
+        pos: node cells ``[B, N, 2]`` (row, col).
+        activity: ``[B, N]``, higher is picked first.
+        size: the feature map's ``(h, w)``.
+
+    Returns ``(nodes [B, g²] long, found [B, g²] bool)``: ``found`` is false for regions without nodes.
+    """
+    b, n = activity.shape
+    g = max(1, math.ceil(math.sqrt(count)))
+    h, w = size
+    rows = (pos[..., 0].long() * g // h).clamp(0, g - 1)
+    cols = (pos[..., 1].long() * g // w).clamp(0, g - 1)
+    region = rows * g + cols  # [B, N]
+    order = activity.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(b, n))
+    # the best (lowest) rank in each region; n marks a region without nodes
+    best = torch.full((b, g * g), n, dtype=torch.long, device=order.device)
+    best = best.scatter_reduce(1, region, rank, reduce="amin")
+    found = best < n
+    return order.gather(1, best.clamp(max=n - 1)), found
+
+
+def strongest_neighbours(adj: Tensor, nodes: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` in-neighbours with the strongest edges (largest ``|weight|``) of each of ``nodes``.
+
+    Args:
+        adj: dense adjacency ``[B, N, N]`` (``adj[b, i, j]`` the edge ``j → i``).
+        nodes: ``[B, G]`` node ids.
+
+    Returns ``(neighbours [B, G, m], present [B, G, m] bool)`` with ``m = min(count, N - 1)``;
+    ``present`` is false where a node has fewer than ``m`` neighbours besides itself.
+    """
+    b, n, _ = adj.shape
+    strength = adj.gather(1, nodes.unsqueeze(-1).expand(-1, -1, n)).abs()  # [B, G, N]
+    strength = strength.scatter(2, nodes.unsqueeze(-1), 0.0)  # a self-loop is not a neighbour
+    top = strength.topk(max(1, min(count, n - 1)), dim=2)
+    return top.indices, top.values > 0
+
+
+def _xy(pixels: Tensor) -> Tensor:
+    """(row, col) → the (x, y) order ``draw_keypoints`` takes, rounded to the nearest pixel
+    (``draw_keypoints`` would truncate)."""
+    return pixels.flip(-1).round()
+
+
+def _tile(pictures: Tensor | list[Tensor], nrow: int) -> Tensor:
+    """uint8 ``[N, 3, H, W]`` → one float picture ``[3, H', W']`` in ``[0, 1]``."""
+    if isinstance(pictures, list):
+        pictures = torch.stack(pictures)
+    return make_grid(pictures.float() / 255, nrow=nrow, padding=2, pad_value=1.0)
+
+
+@torch.no_grad()
+def graph_pictures(
+    model: nn.Module,
+    images: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    num_nodes: int = 4,
+    num_neighbours: int = 8,
+    min_size: int = 224,
+) -> dict[str, Tensor]:
+    """What the interconnect of a :class:`~interconnects.models.hybrid.HybridModel` makes of ``images``.
+
+    Args:
+        model: a HybridModel (``backbone``, ``interconnect``, ``graph(image)``); run in eval mode
+            here and put back in the mode it was in.
+        images: a few normalised input images ``[B, C, H, W]`` on the model's device.
+        mean, std: the dataset normalisation, to show the images as they are.
+        num_nodes: how many nodes' neighbourhoods ``graph/edges`` draws per image (spread over the
+            image: the most active node of each region, see :func:`spread_nodes`).
+        num_neighbours: how many of each such node's strongest in-edges are drawn.
+        min_size: the pictures are upscaled (nearest) by an integer factor to at least this many pixels.
+
+    Returns ``{tag: picture [3, H', W'] float in [0, 1]}``, one picture per tag with one tile per image:
+
+    - ``graph/keypoints``: the graph's nodes at the pixel centres of their cells (keypoints mode: the
+      K chosen cells; grid and kNN: every cell);
+    - ``graph/scores`` (keypoints chosen by a learned score): per image, the keypoints beside the
+      score map as a heat map with the same keypoints on it;
+    - ``graph/edges``: for a few nodes, lines to their strongest in-neighbours, one colour per node
+      (kNN: the nearest cells in feature space, wherever they lie in the image);
+    - ``graph/adjacency``: the first image's adjacency matrix ``[N, N]`` as a heat map (row ``i``:
+      the edges into node ``i``).
+
+    ``{}`` when the model has no interconnect (the CNN baseline).
+    """
+    interconnect = getattr(model, "interconnect", None)
+    if interconnect is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        fmap, graph = model.graph(images)
+        scores = interconnect.score_map(fmap) if hasattr(interconnect, "score_map") else None
+    finally:
+        model.train(was_training)
+
+    b, _, height, width = images.shape
+    factor = upscale_factor((height, width), min_size)
+    canvas = to_canvas(denormalize(images, mean, std).cpu(), factor)  # [B, 3, H·u, W·u]
+    big = (height * factor, width * factor)
+    pixels = cell_to_pixel(graph.pos.cpu(), graph.size, big)  # [B, N, 2] node centres on the canvas
+    stride = min(big[0] / graph.size[0], big[1] / graph.size[1])
+    radius = max(2, round(stride / 6))
+    xy = _xy(pixels)
+
+    pictures: dict[str, Tensor] = {}
+    marked = [draw_keypoints(canvas[i], xy[i : i + 1], colors=KEYPOINT_COLOR, radius=radius) for i in range(b)]
+    pictures["graph/keypoints"] = _tile(marked, nrow=b)
+
+    if scores is not None:
+        heat = colorize(scores[:, 0].cpu())  # [B, 3, h, w]
+        heat = to_canvas(F.interpolate(heat, size=big, mode="nearest"), 1)
+        pairs = []
+        for i in range(b):
+            pairs += [marked[i], draw_keypoints(heat[i], xy[i : i + 1], colors=(255, 255, 255), radius=radius)]
+        pictures["graph/scores"] = _tile(pairs, nrow=2)
+
+    adj = graph.dense_adj().detach().float().cpu()  # [B|1, N, N]
+    adj = adj.expand(b, -1, -1)
+    n = graph.num_nodes
+    activity = fmap.detach().float().norm(dim=1).flatten(1).cpu()  # [B, h·w] how strongly each cell fires
+    activity = activity.gather(1, graph.cell_index().cpu().clamp(0, activity.shape[1] - 1))  # [B, N]
+    centres, found = spread_nodes(graph.pos.cpu(), activity, graph.size, num_nodes)  # [B, G]
+    neighbours, present = strongest_neighbours(adj, centres, num_neighbours)  # [B, G, m]
+    groups = torch.cat([centres.unsqueeze(-1), neighbours], dim=2)  # [B, G, 1 + m]: centre first
+    visible = torch.cat([found.unsqueeze(-1), present & found.unsqueeze(-1)], dim=2)
+    points = xy.gather(1, groups.flatten(1).unsqueeze(-1).expand(-1, -1, 2)).view(*groups.shape, 2)
+    spokes = [(0, j) for j in range(1, groups.shape[2])]
+    width_px = max(1, round(stride / 12))
+    drawn = []
+    for i in range(b):  # a few images, a few neighbourhoods each: one draw call per neighbourhood
+        picture = canvas[i]
+        for g in range(groups.shape[1]):
+            if not bool(found[i, g]):
+                continue
+            color = PALETTE[g % len(PALETTE)]
+            picture = draw_keypoints(picture, points[i, g : g + 1], connectivity=spokes, colors=color,
+                                     radius=max(1, radius - 1), width=width_px, visibility=visible[i, g : g + 1])
+            picture = draw_keypoints(picture, points[i, g : g + 1, :1], colors=color, radius=radius + 1)
+        drawn.append(picture)
+    pictures["graph/edges"] = _tile(drawn, nrow=b)
+
+    matrix = colorize(adj[:1], cmap="viridis")  # [1, 3, N, N]
+    matrix = F.interpolate(matrix, scale_factor=upscale_factor((n, n), min_size), mode="nearest")
+    pictures["graph/adjacency"] = matrix[0].clamp(0, 1)
+    return pictures
+
+
+def confusion_figure(confusion: Tensor, class_names: Sequence[str] | None = None) -> Figure:
+    """The confusion matrix ``confusion [C, C]`` (row: true class, column: predicted class; counts)
+    as a matplotlib figure, drawn by scikit-learn's ``ConfusionMatrixDisplay``; the title gives the
+    accuracy. ``class_names``: ``C`` labels (default ``0 … C-1``)."""
+    confusion = torch.as_tensor(confusion).detach().cpu()
+    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"confusion must be a square [C, C] matrix, got shape {tuple(confusion.shape)}")
+    classes = confusion.shape[0]
+    names = [str(i) for i in range(classes)] if class_names is None else [str(c) for c in class_names]
+    if len(names) != classes:
+        raise ValueError(f"class_names has {len(names)} names for a {classes}×{classes} confusion matrix")
+    counts = confusion.round().long() if confusion.is_floating_point() else confusion.long()
+    side = min(24.0, max(4.5, 0.45 * classes + 2.5))
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.subplots()
+    display = ConfusionMatrixDisplay(counts.numpy(), display_labels=names)
+    display.plot(ax=ax, include_values=classes <= 20, cmap="Blues", colorbar=True, values_format="d",
+                 xticks_rotation="vertical" if classes > 10 else "horizontal")
+    total = int(counts.sum())
+    accuracy = float(counts.diagonal().sum()) / max(1, total)
+    ax.set_title(f"confusion on {total:,} images (accuracy {accuracy:.2%})")
     return fig

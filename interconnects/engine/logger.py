@@ -1,10 +1,16 @@
-"""Loggers: TensorBoard, or none. Both have the same four methods."""
+"""Loggers: TensorBoard, or none. Both have the same methods: ``scalars``, ``images``, ``image``,
+``figure``, ``text``, ``graph``, ``hparams`` and ``close``."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 
 class NullLogger:
@@ -25,6 +31,9 @@ class NullLogger:
         pass
 
     def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def graph(self, model: nn.Module, example_input) -> None:
         pass
 
     def hparams(self, params: dict, metrics: dict[str, float]) -> None:
@@ -52,23 +61,43 @@ class TensorBoardLogger(NullLogger):
             self.writer.add_scalar(tag, float(value), step)
 
     def images(self, tag: str, images: Tensor, step: int) -> None:
+        """A batch of raw (normalised) images ``[N, C, H, W]``, each rescaled to its own range and tiled."""
         from torchvision.utils import make_grid
 
         grid = make_grid(images.detach().float().cpu(), nrow=8, normalize=True, scale_each=True)
         self.writer.add_image(tag, grid, step)
 
     def image(self, tag: str, image: Tensor, step: int) -> None:
-        """One picture ``[C, H, W]`` (or a batch ``[N, C, H, W]``, tiled) with values in [0, 1]."""
+        """One finished picture ``[C, H, W]`` with values in ``[0, 1]`` (C = 1 or 3), kept as it is;
+        a batch ``[N, C, H, W]`` is tiled first."""
         from torchvision.utils import make_grid
 
         image = image.detach().float().cpu().clamp(0, 1)
         self.writer.add_image(tag, make_grid(image, nrow=8) if image.dim() == 4 else image, step)
 
     def figure(self, tag: str, figure, step: int) -> None:
+        """A matplotlib figure, rendered to a picture (and closed)."""
         self.writer.add_figure(tag, figure, step, close=True)
 
     def text(self, tag: str, text: str, step: int) -> None:
+        """Text (markdown) shown in TensorBoard's text tab."""
         self.writer.add_text(tag, text, step)
+
+    def graph(self, model: nn.Module, example_input) -> None:
+        """The model's graph for TensorBoard's graph tab, traced on ``example_input`` (a tensor or a
+        tuple of tensors) in eval mode without gradient, so that tracing changes no running
+        statistics. Best effort: a model the tracer cannot follow only logs a warning."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer and deprecation warnings say nothing to our users
+                self.writer.add_graph(model, example_input)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is only a missing picture
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            log.warning("the model's graph was not logged to TensorBoard (%s: %s)", type(exc).__name__, message)
+        finally:
+            model.train(was_training)
 
     def hparams(self, params: dict, metrics: dict[str, float]) -> None:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
