@@ -86,7 +86,10 @@ class KNNGraph(nn.Module):
     """CNN → graph joining each cell to its ``k`` nearest cells in feature space: ``fmap -> GraphBatch``.
 
     ``N = h·w``, node ``n`` at cell ``(n // w, n % w)`` as in :class:`DenseGrid`. Each node ``i``
-    receives an edge ``j → i`` from each of its neighbours ``j``; ``edge_index [2, B·N·k]``.
+    receives an edge ``j → i`` from each of its neighbours ``j``; ``edge_index [2, B·N·k]``. Every
+    node has in-degree ``k``, so the graph also carries the fixed-degree view ``neighbors [B, N, k]``
+    / ``neighbor_weight [B, N, k]`` (the same edges and weights, in the same order) that GNN layers
+    aggregate by a gather instead of a scatter.
 
     Args:
         k: neighbours per node (1 ≤ k·dilation ≤ N - 1, or ≤ N with ``self_loops``).
@@ -149,4 +152,7 @@ class KNNGraph(nn.Module):
             else:
                 weight = 1.0 / (1.0 + dist_sq.clamp_min(1e-12).sqrt())
         pos = grid_positions(h, w, fmap.device).expand(b, -1, -1)
-        return GraphBatch(x=x, pos=pos, size=(h, w), edge_index=torch.stack([src, dst]), edge_weight=weight)
+        return GraphBatch(
+            x=x, pos=pos, size=(h, w), edge_index=torch.stack([src, dst]), edge_weight=weight,
+            neighbors=nbr, neighbor_weight=weight.view(b, n, self.k),
+        )

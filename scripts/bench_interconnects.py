@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from interconnects import DenseGrid, GraphToCNN, Keypoints, KNNGraph  # noqa: E402
+from interconnects.knn import knn_indices  # noqa: E402
+from interconnects.models.gnn import GNNHead  # noqa: E402
 
 KNN_K = 8
 
@@ -140,6 +142,41 @@ def ref_knn(fmap: torch.Tensor, k: int):
     return torch.stack(xs), torch.stack(nbrs), torch.stack(outs)
 
 
+def ref_knn_gcn(fmap: torch.Tensor, k: int, conv: torch.nn.Module, head: GNNHead):
+    """The per-image recipe: each image's neighbours found alone, each image a ``Data`` through
+    torch_geometric's ``GCNConv`` (self-loops and normalisation its own), then the head's norm,
+    activation and residual on the stacked nodes."""
+    from torch_geometric.data import Data
+
+    b, c, h, w = fmap.shape
+    n = h * w
+    outs, xs = [], []
+    for i in range(b):
+        x = fmap[i].reshape(c, n).t()
+        with torch.no_grad():
+            dist = torch.cdist(x, x)
+            dist.fill_diagonal_(float("inf"))
+            nbr = dist.topk(k, dim=1, largest=False).indices
+        dst = torch.arange(n, device=x.device).repeat_interleave(k)
+        data = Data(x=x, edge_index=torch.stack([nbr.flatten(), dst]))
+        outs.append(conv(data.x, data.edge_index))
+        xs.append(x)
+    out, x = torch.stack(outs), torch.stack(xs)
+    return head.act(head.norms[0](out)) + x
+
+
+def floor_knn_gcn(fmap: torch.Tensor, k: int, lin: torch.nn.Module) -> torch.Tensor:
+    """The least a kNN + GCN layer does: batched distances + top-k, one gather of ``[B·N·k, C]`` rows
+    summed over k, and the linear layer."""
+    b, c, h, w = fmap.shape
+    n = h * w
+    x = fmap.flatten(2).transpose(1, 2)
+    nbr = knn_indices(x, k)
+    ids = (nbr + torch.arange(b, device=x.device).view(b, 1, 1) * n).flatten()
+    agg = x.reshape(b * n, c).index_select(0, ids).view(b * n, k, c).sum(1)
+    return lin(agg).view(b, n, -1)
+
+
 def ref_to_cnn(x: torch.Tensor, cells: torch.Tensor, h: int, w: int):
     """Per image: sum the nodes into their cells and divide by the count (mean)."""
     b, n, c = x.shape
@@ -198,7 +235,7 @@ def check_knn(ours_nbr: torch.Tensor, ref_nbr: torch.Tensor, x: torch.Tensor) ->
     torch.testing.assert_close(distances(ours_nbr), distances(ref_nbr), rtol=1e-5, atol=1e-5)
 
 
-def bench_size(size: int, batch: int, channels: int, device: torch.device, repeats: int, warmup: int):
+def bench_size(size: int, batch: int, channels: int, device: torch.device, repeats: int, warmup: int, only=None):
     h = w = size
     n = h * w
     gen = torch.Generator().manual_seed(size)
@@ -209,71 +246,98 @@ def bench_size(size: int, batch: int, channels: int, device: torch.device, repea
     def leaf():
         return base.clone().requires_grad_()
 
-    # ---- grid --------------------------------------------------------------------------------
-    grid = DenseGrid(edges="inverse_distance")
-    g = grid(base)
-    xr, adjr, outr = ref_grid(base)
-    torch.testing.assert_close(g.x, xr, rtol=0, atol=0)
-    for a in adjr:
-        torch.testing.assert_close(g.adj[0], a, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(back(g), outr, rtol=0, atol=0)
-    all_cells = torch.arange(n, device=device).expand(batch, n)
-    rows.append(
-        (
-            "grid",
-            *time_group(
-                [
-                    lambda: backward(back(grid(leaf()))),
-                    lambda: backward(ref_grid(leaf())[2]),
-                    lambda: backward(floor_gather_scatter(leaf(), all_cells)),
-                ],
-                device,
-                repeats,
-                warmup,
-            ),
+    if only is None:
+        # ---- grid --------------------------------------------------------------------------------
+        grid = DenseGrid(edges="inverse_distance")
+        g = grid(base)
+        xr, adjr, outr = ref_grid(base)
+        torch.testing.assert_close(g.x, xr, rtol=0, atol=0)
+        for a in adjr:
+            torch.testing.assert_close(g.adj[0], a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(back(g), outr, rtol=0, atol=0)
+        all_cells = torch.arange(n, device=device).expand(batch, n)
+        rows.append(
+            (
+                "grid",
+                *time_group(
+                    [
+                        lambda: backward(back(grid(leaf()))),
+                        lambda: backward(ref_grid(leaf())[2]),
+                        lambda: backward(floor_gather_scatter(leaf(), all_cells)),
+                    ],
+                    device,
+                    repeats,
+                    warmup,
+                ),
+            )
         )
-    )
 
-    # ---- keypoints ---------------------------------------------------------------------------
-    k = max(1, n // 4)
-    kp = Keypoints(num_keypoints=k, select="topk", in_channels=channels).to(device)
-    g = kp(base)
-    xr, adjr, outr = ref_keypoints(base, kp.score, k)
-    torch.testing.assert_close(g.x, xr, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(g.adj, adjr, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(back(g), outr, rtol=1e-6, atol=1e-6)
-    kp_cells = (g.pos[..., 0] * w + g.pos[..., 1]).long()
-    rows.append(
-        (
-            f"keypoints (topk, K={k})",
-            *time_group(
-                [
-                    lambda: backward(back(kp(leaf()))),
-                    lambda: backward(ref_keypoints(leaf(), kp.score, k)[2]),
-                    lambda: backward(floor_gather_scatter(leaf(), kp_cells)),
-                ],
-                device,
-                repeats,
-                warmup,
-            ),
+        # ---- keypoints ---------------------------------------------------------------------------
+        k = max(1, n // 4)
+        kp = Keypoints(num_keypoints=k, select="topk", in_channels=channels).to(device)
+        g = kp(base)
+        xr, adjr, outr = ref_keypoints(base, kp.score, k)
+        torch.testing.assert_close(g.x, xr, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g.adj, adjr, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(back(g), outr, rtol=1e-6, atol=1e-6)
+        kp_cells = (g.pos[..., 0] * w + g.pos[..., 1]).long()
+        rows.append(
+            (
+                f"keypoints (topk, K={k})",
+                *time_group(
+                    [
+                        lambda: backward(back(kp(leaf()))),
+                        lambda: backward(ref_keypoints(leaf(), kp.score, k)[2]),
+                        lambda: backward(floor_gather_scatter(leaf(), kp_cells)),
+                    ],
+                    device,
+                    repeats,
+                    warmup,
+                ),
+            )
         )
-    )
 
-    # ---- knn ---------------------------------------------------------------------------------
+        # ---- knn ---------------------------------------------------------------------------------
+        knn = KNNGraph(k=KNN_K)
+        g = knn(base)
+        xr, nbrr, outr = ref_knn(base, KNN_K)
+        ours_nbr = g.edge_index[0].view(batch, n, KNN_K) - torch.arange(batch, device=device).view(-1, 1, 1) * n
+        check_knn(ours_nbr, nbrr, xr)
+        torch.testing.assert_close(back(g), outr, rtol=0, atol=0)
+        rows.append(
+            (
+                f"knn (k={KNN_K})",
+                *time_group(
+                    [
+                        lambda: backward(back(knn(leaf()))),
+                        lambda: backward(ref_knn(leaf(), KNN_K)[2]),
+                        lambda: backward(floor_gather_scatter(leaf(), all_cells)),
+                    ],
+                    device,
+                    repeats,
+                    warmup,
+                ),
+            )
+        )
+
+    # ---- knn + one GCN layer -----------------------------------------------------------------
     knn = KNNGraph(k=KNN_K)
-    g = knn(base)
-    xr, nbrr, outr = ref_knn(base, KNN_K)
-    ours_nbr = g.edge_index[0].view(batch, n, KNN_K) - torch.arange(batch, device=device).view(-1, 1, 1) * n
-    check_knn(ours_nbr, nbrr, xr)
-    torch.testing.assert_close(back(g), outr, rtol=0, atol=0)
+    head = GNNHead(channels, "gcn", hidden_channels=channels, num_layers=1).to(device)
+    from torch_geometric.nn import GCNConv
+
+    ref_conv = GCNConv(channels, channels).to(device)  # its own self-loops and normalisation
+    ref_conv.load_state_dict(head.convs[0].conv.state_dict())
+    head.eval()  # the check compares in eval mode (batch norm with running statistics)
+    torch.testing.assert_close(head(knn(base)).x, ref_knn_gcn(base, KNN_K, ref_conv, head), rtol=1e-4, atol=1e-4)
+    head.train()
     rows.append(
         (
-            f"knn (k={KNN_K})",
+            f"knn (k={KNN_K}) + GCN layer",
             *time_group(
                 [
-                    lambda: backward(back(knn(leaf()))),
-                    lambda: backward(ref_knn(leaf(), KNN_K)[2]),
-                    lambda: backward(floor_gather_scatter(leaf(), all_cells)),
+                    lambda: backward(head(knn(leaf())).x),
+                    lambda: backward(ref_knn_gcn(leaf(), KNN_K, ref_conv, head)),
+                    lambda: backward(floor_knn_gcn(leaf(), KNN_K, head.convs[0].conv.lin)),
                 ],
                 device,
                 repeats,
@@ -282,33 +346,65 @@ def bench_size(size: int, batch: int, channels: int, device: torch.device, repea
         )
     )
 
-    # ---- graph → CNN alone -------------------------------------------------------------------
-    # N = h·w nodes at random cells: some cells shared (averaged), some empty
-    cells = torch.randint(0, n, (batch, n), generator=gen).to(device)
-    pos = torch.stack([cells // w, cells % w], -1).float()
-    x0 = torch.randn(batch, n, channels, generator=gen).to(device)
-    ids = (cells + torch.arange(batch, device=device).unsqueeze(1) * n).flatten()
-    torch.testing.assert_close(back(x0, pos, (h, w)), ref_to_cnn(x0, cells, h, w), rtol=1e-6, atol=1e-6)
+    if only is None:
+        # ---- graph → CNN alone -------------------------------------------------------------------
+        # N = h·w nodes at random cells: some cells shared (averaged), some empty
+        cells = torch.randint(0, n, (batch, n), generator=gen).to(device)
+        pos = torch.stack([cells // w, cells % w], -1).float()
+        x0 = torch.randn(batch, n, channels, generator=gen).to(device)
+        ids = (cells + torch.arange(batch, device=device).unsqueeze(1) * n).flatten()
+        torch.testing.assert_close(back(x0, pos, (h, w)), ref_to_cnn(x0, cells, h, w), rtol=1e-6, atol=1e-6)
 
-    def xleaf():
-        return x0.clone().requires_grad_()
+        def xleaf():
+            return x0.clone().requires_grad_()
 
-    rows.append(
-        (
-            "graph→CNN (mean)",
-            *time_group(
-                [
-                    lambda: backward(back(xleaf(), pos, (h, w))),
-                    lambda: backward(ref_to_cnn(xleaf(), cells, h, w)),
-                    lambda: backward(floor_index_add(xleaf(), ids, batch, h, w)),
-                ],
-                device,
-                repeats,
-                warmup,
-            ),
+        rows.append(
+            (
+                "graph→CNN (mean)",
+                *time_group(
+                    [
+                        lambda: backward(back(xleaf(), pos, (h, w))),
+                        lambda: backward(ref_to_cnn(xleaf(), cells, h, w)),
+                        lambda: backward(floor_index_add(xleaf(), ids, batch, h, w)),
+                    ],
+                    device,
+                    repeats,
+                    warmup,
+                ),
+            )
         )
-    )
     return rows
+
+
+def bench_topk(size: int, batch: int, device: torch.device, repeats: int, warmup: int) -> None:
+    """Top-k selection of the kNN search on rows of N = size² distances against alternatives."""
+    n = size * size
+    dist = torch.randn(batch, n, n, generator=torch.Generator().manual_seed(0)).to(device)
+    ref = dist.topk(KNN_K, dim=-1, largest=False).indices.sort(-1).values
+
+    def repeated_min():
+        d = dist.clone()
+        picks = []
+        for _ in range(KNN_K):
+            i = d.argmin(-1, keepdim=True)
+            picks.append(i)
+            d.scatter_(-1, i, float("inf"))
+        return torch.cat(picks, -1)
+
+    fns = {
+        "topk (sorted)": lambda: dist.topk(KNN_K, dim=-1, largest=False).indices,
+        "topk (unsorted)": lambda: dist.topk(KNN_K, dim=-1, largest=False, sorted=False).indices,
+        "sort, first k": lambda: dist.sort(dim=-1).indices[..., :KNN_K],
+        f"argmin k={KNN_K} times": repeated_min,
+    }
+    for name, fn in fns.items():
+        assert torch.equal(fn().sort(-1).values, ref), name
+    times = time_group(list(fns.values()), device, repeats, warmup)
+    print(f"\nk = {KNN_K} smallest of each row of [{batch}, {n}, {n}] distances (ms):\n")
+    print("| selection | ms |")
+    print("|---|---:|")
+    for name, t in zip(fns, times):
+        print(f"| {name} | {t:.2f} |")
 
 
 def main(argv=None) -> None:
@@ -321,6 +417,7 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="feature-map sides (default 7 14 28)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--only", choices=["knn_gcn"], default=None, help="only the kNN + GCN row (and the top-k table)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -345,11 +442,12 @@ def main(argv=None) -> None:
     print("| map | mode | ours (ms) | reference (ms) | floor (ms) | ref/ours | ours/floor |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for size in sizes:
-        for mode, ours, ref, floor in bench_size(size, batch, args.channels, device, repeats, warmup):
+        for mode, ours, ref, floor in bench_size(size, batch, args.channels, device, repeats, warmup, args.only):
             print(
                 f"| {size}×{size} | {mode} | {ours:.2f} | {ref:.2f} | {floor:.2f} | {ref / ours:.1f}× | {ours / floor:.2f}× |",
                 flush=True,
             )
+    bench_topk(14 if 14 in sizes else sizes[0], batch, device, repeats, warmup)
 
 
 if __name__ == "__main__":

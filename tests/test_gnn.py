@@ -325,3 +325,47 @@ def test_propagate_and_identity_are_one_layer():
     graph = shared_graph()
     assert IdentityLayer(C)(graph.x, graph.adj) is graph.x
     torch.testing.assert_close(Propagate(C)(graph.x, graph.adj), torch.matmul(graph.adj, graph.x))
+
+
+# ---- the fixed-degree (gather) path -------------------------------------------------------------
+GATHER_LAYERS = [name for name in GNN_LAYERS if GNNHead(C, name).flags["supports_neighbors"]]
+
+
+def test_gather_layers():
+    assert {"gcn", "graphconv", "sage", "gin", "propagate"} <= set(GATHER_LAYERS)
+
+
+@pytest.mark.parametrize("self_loops", [False, True])
+@pytest.mark.parametrize("weights", ["ones", "gaussian"])
+@pytest.mark.parametrize("layer", GATHER_LAYERS)
+def test_gather_path_equals_flat_sparse_path(layer, weights, self_loops):
+    torch.manual_seed(0)
+    fmap = torch.randn(B, C, H, W)
+    knn = KNNGraph(k=3, edge_weight=weights, sigma=4.0, self_loops=self_loops)
+    head_g = make_head(layer, num_layers=2)
+    head_s = make_head(layer, num_layers=2)
+    head_s.load_state_dict(head_g.state_dict())
+    fmap_g, fmap_s = fmap.clone().requires_grad_(True), fmap.clone().requires_grad_(True)
+    graph = knn(fmap_g)
+    assert graph.neighbors.shape == (B, N, 3) and graph.neighbors.dtype == torch.long
+    flat = knn(fmap_s).replace(neighbors=None, neighbor_weight=None)
+    out_g, out_s = head_g(graph).x, head_s(flat).x
+    torch.testing.assert_close(out_g, out_s, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(out_g)
+    (out_g * grad).sum().backward()
+    (out_s * grad).sum().backward()
+    # the input gradient includes the path through the Gaussian edge weights
+    torch.testing.assert_close(fmap_g.grad, fmap_s.grad, rtol=1e-4, atol=1e-5)
+    for (name, p_g), p_s in zip(head_g.named_parameters(), head_s.parameters()):
+        torch.testing.assert_close(p_g.grad, p_s.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_neighbor_view_gives_the_same_edges():
+    torch.manual_seed(0)
+    graph = KNNGraph(k=3, edge_weight="gaussian")(torch.randn(B, C, H, W))
+    lazy = graph.replace(edge_index=None, edge_weight=None)
+    edge_index, edge_weight = lazy.sparse_edges()
+    assert torch.equal(edge_index, graph.edge_index)
+    torch.testing.assert_close(edge_weight, graph.edge_weight)
+    torch.testing.assert_close(lazy.dense_adj(), graph.dense_adj())
+    assert lazy.to_pyg().num_edges == B * N * 3
