@@ -7,6 +7,7 @@ checked by the classes they build. This module imports no torch, so ``--help`` s
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -130,6 +131,37 @@ class OutputDirCheck(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._make("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
+def sweep_jobs(sweep_dir: str | Path) -> list[tuple[Path, dict]]:
+    """``(job directory, its job.json)`` for every job under ``sweep_dir``, in job-number order."""
+    jobs = []
+    for path in Path(sweep_dir).rglob("job.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = {"status": "unreadable", "error": f"{path} is not readable JSON"}
+        jobs.append((path.parent, record if isinstance(record, dict) else {}))
+    return sorted(jobs, key=lambda job: (int(job[1].get("job_num", 0) or 0), str(job[0])))
+
+
+class SweepReport(Callback):
+    """At the end of a multirun: one line per failed job (its overrides and error), the count, and
+    the summary command; exits 1 when any job failed, so the sweep's status tells."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = sweep_jobs(sweep_dir)
+        failed = [(d, r) for d, r in jobs if r.get("status") != "ok"]
+        print(f"\nsweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} job(s) finished, {len(failed)} failed",
+              file=sys.stderr if failed else sys.stdout)
+        for job_dir, record in failed:
+            overrides = " ".join(record.get("overrides") or [])
+            print(f"  failed {job_dir.relative_to(sweep_dir)} ({overrides}) [{record.get('status')}, exit "
+                  f"{record.get('exit_code')}]: {record.get('error')}", file=sys.stderr)
+        print(f"summary: python scripts/summarize_sweep.py {sweep_dir}", file=sys.stderr if failed else sys.stdout)
+        if failed:
+            sys.exit(1)
 
 
 def register() -> None:
