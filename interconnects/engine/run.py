@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import socket
 import sys
 import time
@@ -51,10 +52,14 @@ def guarded(fn, cfg: DictConfig):
         if job.multirun:
             job.share_machine(cfg)
             job.resume_from_own_checkpoint(cfg)
+            job.save_before_requeue()
         job.start(cfg)
         result = fn(cfg)
     except TrainingStopped as exc:
         code, message = exc.exit_code, str(exc)
+        if job.preempted is not None:  # last.ckpt is written: now let submitit requeue the job
+            job.finish(code, f"preempted; requeued ({message})")
+            job.preempted()
     except KeyboardInterrupt:
         job.finish(130, "interrupted")
         if full:
@@ -97,6 +102,7 @@ class SweepJob:
         self.run_dir, self.multirun, self.num, self.overrides, self.launcher = run_dir, multirun, num, overrides, launcher
         self.record: dict = {}
         self.traceback: str | None = None
+        self.preempted = None  # set by the preemption signal: requeues the job
         self._t0 = time.monotonic()
 
     @classmethod
@@ -176,6 +182,28 @@ class SweepJob:
         gpus = torch.cuda.device_count()
         if gpus > 1 and cfg.trainer.device in ("auto", "cuda"):
             cfg.trainer.device = f"cuda:{self.num % gpus}"
+
+    def save_before_requeue(self) -> None:
+        """In a submitit job, the preemption / time-limit signal (USR2) first makes the engine finish
+        its step and write ``last.ckpt`` (as for SIGTERM); then submitit's own handler requeues the
+        job (see ``preempted``), which on restart resumes from that checkpoint."""
+        if "submitit_launcher" not in str(self.launcher.get("_target_", "")):
+            return
+        from submitit import JobEnvironment
+
+        usr_sig = JobEnvironment._usr_sig()
+        requeue, outside_loop = signal.getsignal(usr_sig), signal.getsignal(signal.SIGTERM)
+        if not callable(requeue):
+            return
+
+        def on_preemption(signum, frame):
+            self.preempted = lambda: requeue(signum, None)
+            if signal.getsignal(signal.SIGTERM) is outside_loop:  # not training yet (or any more): requeue now
+                requeue(signum, frame)
+            else:  # the training loop's handler saves after the current step (no I/O in a signal handler)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(usr_sig, on_preemption)
 
     def start(self, cfg: DictConfig) -> None:
         """Record that the job runs (``job.json`` with status ``running``, its process and resources)."""
