@@ -134,10 +134,10 @@ def cell(value, csv_mode: bool = False) -> str:
     if isinstance(value, tuple):
         mean, std, n = value
         return f"{mean:.4f} ± {std:.4f} (n={n})"
-    if isinstance(value, float):
-        return f"{value:.4f}" if not csv_mode else repr(value)
     if isinstance(value, Seconds):
         return f"{float(value):.1f}" if not csv_mode else str(float(value))
+    if isinstance(value, float):
+        return f"{value:.4f}" if not csv_mode else repr(value)
     return str(value)
 
 
