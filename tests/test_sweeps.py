@@ -111,7 +111,7 @@ def test_nonfinite_loss_fails_its_job_alone(tmp_path):
     good, bad = job_record(sweep / "0"), job_record(sweep / "1")
     assert good["status"] == "ok" and (sweep / "0" / "metrics.json").is_file()
     assert bad["status"] == "failed" and bad["exit_code"] == 3 and "loss is nan" in bad["error"]
-    assert "optimizer.lr=1e30" in proc.stderr and "1 of 2 job(s) finished, 1 failed" in proc.stderr
+    assert "optimizer.lr=1e+30" in proc.stderr and "1 of 2 job(s) finished, 1 failed" in proc.stderr
 
 
 def test_sweep_job_takes_device_i_mod_n_with_several_gpus(monkeypatch):

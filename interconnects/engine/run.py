@@ -220,10 +220,14 @@ class SweepJob:
                                    if previous.get("overrides") == self.overrides else 0.0),
         }
         self._t0 = time.monotonic()
-        self._write()
+        if self.multirun:  # (a single run that is refused must leave no directory behind: no record yet)
+            self._write()
 
     def finish(self, code: int, error: str | None) -> None:
-        """Record how the job ended; a failed job's directory also gets ``error.txt``."""
+        """Record how the job ended; a failed job's directory also gets ``error.txt``. A run whose
+        directory was removed (refused before any work) stays without one."""
+        if self.run_dir is None or not self.run_dir.is_dir():
+            return
         if not self.record:  # failed before start() (e.g. a foreign job directory)
             self.record = {"overrides": self.overrides, "job_num": self.num, "pid": os.getpid(),
                            "host": socket.gethostname(), "wall_time_s_before": 0.0}
