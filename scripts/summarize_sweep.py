@@ -49,12 +49,18 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
         jobs.append({"dir": job_dir, "overrides": [str(o) for o in overrides or []], "status": status,
                      "exit_code": record.get("exit_code"), "error": record.get("error"),
                      "wall_time_s": record.get("wall_time_s"), "metrics": metrics,
-                     "num": record.get("job_num")})
+                     "num": record.get("job_num"), "optimized_metric": record.get("optimized_metric"),
+                     "mode": record.get("mode")})
     return jobs
 
 
 def sweep_settings(sweep_dir: Path, jobs: list[dict]) -> tuple[str, str | None]:
-    """``(optimised metric, direction or None)`` from the sweep's ``multirun.yaml`` or a job's config."""
+    """``(optimised metric, direction or None)``: what the jobs recorded in ``job.json``, else the
+    sweep's ``multirun.yaml`` or a job's config."""
+    for job in jobs:
+        if job.get("optimized_metric"):
+            direction = {"max": "maximize", "min": "minimize"}.get(job.get("mode") or "")
+            return job["optimized_metric"], direction
     for path in [sweep_dir / "multirun.yaml"] + [j["dir"] / ".hydra" / "config.yaml" for j in jobs]:
         if path.is_file():
             cfg = OmegaConf.load(path)
@@ -63,6 +69,15 @@ def sweep_settings(sweep_dir: Path, jobs: list[dict]) -> tuple[str, str | None]:
             if metric:
                 return str(metric), (str(direction) if direction else None)
     return "val/acc", None
+
+
+def sweep_settings_direction(sweep_dir: Path) -> str | None:
+    """The sweeper's ``direction`` in the sweep's ``multirun.yaml`` (Optuna searches), else ``None``."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    direction = OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.direction", default=None)
+    return str(direction) if direction else None
 
 
 def key_of(override: str) -> str:
@@ -75,7 +90,9 @@ def summarize(sweep_dir: Path, metric: str | None = None, mode: str | None = Non
     default_metric, direction = sweep_settings(sweep_dir, jobs)
     metric = metric or default_metric
     if mode is None:
-        mode = {"maximize": "max", "minimize": "min"}.get(direction or "", None)
+        # (the Optuna sweeper's direction, when it ran the sweep, is what the search optimised)
+        optuna = sweep_settings_direction(sweep_dir)
+        mode = {"maximize": "max", "minimize": "min"}.get(optuna or direction or "", None)
         mode = mode or ("min" if metric.rsplit("/", 1)[-1].startswith(("loss", "error", "fid")) else "max")
     shared = [o for o in (jobs[0]["overrides"] if jobs else []) if all(o in j["overrides"] for j in jobs)]
     for job in jobs:

@@ -84,7 +84,7 @@ def guarded(fn, cfg: DictConfig):
               file=sys.stderr)
         return None
     else:
-        job.finish(0, None)
+        job.finish(0, None, value=result)
         return result
     job.finish(code, message)
     if job.multirun and code < 128:
@@ -149,7 +149,7 @@ class SweepJob:
             metrics = json.loads((self.run_dir / "metrics.json").read_text())
         except (OSError, ValueError):
             return None
-        metric = cfg.get("optimized_metric")
+        metric = previous.get("optimized_metric")
         log.info("job %d finished in an earlier launch of this sweep (%s); not trained again", self.num, self.run_dir)
         return (metrics.get(metric) if metric else None,)
 
@@ -205,6 +205,21 @@ class SweepJob:
 
         signal.signal(usr_sig, on_preemption)
 
+    @staticmethod
+    def objective(cfg: DictConfig) -> dict:
+        """``{optimized_metric, mode}``: the metric ``train`` returns to sweepers (``optimized_metric``,
+        else the task's monitored metric) and whether higher (``max``) or lower (``min``) is better."""
+        if cfg.get("task") is None:
+            return {}
+        metric = cfg.get("optimized_metric")
+        try:
+            cls = task_class(cfg.task)
+        except ValueError:
+            return {"optimized_metric": metric} if metric else {}
+        if metric is None or metric == cls.monitor:
+            return {"optimized_metric": cls.monitor, "mode": cls.monitor_mode}
+        return {"optimized_metric": metric}
+
     def start(self, cfg: DictConfig) -> None:
         """Record that the job runs (``job.json`` with status ``running``, its process and resources)."""
         import torch
@@ -215,6 +230,7 @@ class SweepJob:
             "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "torch_threads": torch.get_num_threads(),
             "device": OmegaConf.select(cfg, "trainer.device", default=None) or cfg.get("device"),
+            **self.objective(cfg),
             "launches": int(previous.get("launches", 0)) + 1 if previous.get("overrides") == self.overrides else 1,
             "wall_time_s_before": (float(previous.get("wall_time_s", 0.0))
                                    if previous.get("overrides") == self.overrides else 0.0),
@@ -223,7 +239,7 @@ class SweepJob:
         if self.multirun:  # (a single run that is refused must leave no directory behind: no record yet)
             self._write()
 
-    def finish(self, code: int, error: str | None) -> None:
+    def finish(self, code: int, error: str | None, value=None) -> None:
         """Record how the job ended; a failed job's directory also gets ``error.txt``. A run whose
         directory was removed (refused before any work) stays without one."""
         if self.run_dir is None or not self.run_dir.is_dir():
@@ -234,7 +250,7 @@ class SweepJob:
         spent = time.monotonic() - self._t0
         self.record.update({
             "status": "ok" if code == 0 else ("interrupted" if code >= 128 else "failed"),
-            "exit_code": code, "error": error,
+            "exit_code": code, "error": error, "value": value if isinstance(value, (int, float)) else None,
             "wall_time_s": round(self.record.pop("wall_time_s_before") + spent, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
