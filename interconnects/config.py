@@ -55,6 +55,7 @@ class TrainerConfig:
     log_images: int = 16
     picture_every_n_epochs: int = 1  # task pictures (graphs, reconstructions, samples); 0: never
     picture_images: int = 4  # fixed validation images the pictures are drawn from
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over the global batch
 
 
 @dataclass
@@ -101,7 +102,13 @@ class EvaluateConfig:
 
 
 def _unique_suffix() -> str:
-    # time, process id and a random tag: two runs started in the same second never collide
+    # time, process id and a random tag: two runs started in the same second never collide.
+    # Under torchrun every rank must name the same directory: torchrun's run id (one per launch,
+    # shared by all ranks and nodes) replaces what differs between them.
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        run_id = os.environ["TORCHELASTIC_RUN_ID"]
+        # (without --standalone or --rdzv-id it is "none": then the launching torchrun's process id)
+        return f"{time.strftime('%Y-%m-%d')}_torchrun_{run_id if run_id not in ('', 'none') else os.getppid()}"
     return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}_{secrets.token_hex(2)}"
 
 
@@ -127,6 +134,8 @@ def _run_dir(ckpt_path: Optional[str], tags=(), base: str = "outputs/train") -> 
 def _output_subdir(ckpt_path: Optional[str]) -> Optional[str]:
     """Where Hydra writes the run's record: ``.hydra``; nowhere when resuming in place (the engine
     rewrites the record itself once the resume is accepted, so a refused one leaves it untouched)."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # torchrun: rank 0 writes the record of the shared directory
+        return None
     return None if _resumed_run(ckpt_path) is not None else ".hydra"
 
 
@@ -180,6 +189,10 @@ class SweepReport(Callback):
                   f"{record.get('exit_code')}]: {record.get('error')}", file=sys.stderr)
         print(f"summary: python scripts/summarize_sweep.py {sweep_dir}", file=sys.stderr if failed else sys.stdout)
         if failed:
+            # the sweep ran: its status is 1 ("some jobs failed"), not the 2 of a config that did not compose
+            from interconnects.engine.run import _mark_started
+
+            _mark_started()
             sys.exit(1)
 
 

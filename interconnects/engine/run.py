@@ -41,6 +41,8 @@ def guarded(fn, cfg: DictConfig):
     from .checkpoint import CheckpointError
     from .loop import TrainingStopped
 
+    from . import distributed
+
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     job = SweepJob.from_hydra()
     if job.multirun:
@@ -53,6 +55,10 @@ def guarded(fn, cfg: DictConfig):
             job.share_machine(cfg)
             job.resume_from_own_checkpoint(cfg)
             job.save_before_requeue()
+        if distributed.env_world_size() > 1 and cfg.get("trainer") is not None:  # started by torchrun
+            cfg.trainer.device = distributed.init(cfg.trainer.device)
+            if not distributed.is_primary():  # rank 0 reports; the others speak only of trouble
+                logging.getLogger("interconnects").setLevel(logging.WARNING)
         job.start(cfg)
         result = fn(cfg)
     except TrainingStopped as exc:
@@ -86,12 +92,20 @@ def guarded(fn, cfg: DictConfig):
     else:
         job.finish(0, None, value=result)
         return result
+    finally:
+        distributed.cleanup()
     job.finish(code, message)
     if job.multirun and code < 128:
         print(f"error: job {job.num} ({' '.join(job.overrides)}) failed (exit {code}): {message}", file=sys.stderr)
         return None
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _env_rank() -> int:
+    """This process's torchrun rank (0 without torchrun); read from the environment, so that no
+    torch import is needed to know it."""
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 class SweepJob:
@@ -123,7 +137,7 @@ class SweepJob:
         return self.run_dir / "job.json" if self.run_dir is not None else None
 
     def _write(self) -> None:
-        if self.path is None:
+        if self.path is None or _env_rank() != 0:  # under torchrun, rank 0 keeps the record
             return
         tmp = self.path.with_name(f".job.json.{os.getpid()}.tmp")
         try:
@@ -255,6 +269,8 @@ class SweepJob:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         self._write()
+        if _env_rank() != 0:
+            return
         if code != 0 and self.run_dir is not None:
             try:
                 (self.run_dir / "error.txt").write_text(f"{error}\n" + (f"\n{self.traceback}" if self.traceback else ""))
