@@ -46,13 +46,17 @@ def is_primary() -> bool:
     return rank() == 0
 
 
-def init(device_spec: str) -> str:
+def init(device_spec: str, sync_bn: bool = False) -> str:
     """Join torchrun's processes into one process group when ``WORLD_SIZE`` > 1; returns the device
     this process trains on (``cuda:<LOCAL_RANK>`` when ``device_spec`` is ``auto``/``cuda`` and CUDA
-    is present, else ``device_spec`` unchanged). Gloo on the CPU, nccl on CUDA."""
+    is present, else ``device_spec`` unchanged). Gloo on the CPU, nccl on CUDA. ``sync_bn``
+    (``trainer.sync_batchnorm``) needs CUDA: refused on the CPU before any work."""
     if env_world_size() <= 1 or is_distributed():
         return device_spec
     cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
+    if sync_bn and not cuda:
+        raise ValueError("trainer.sync_batchnorm=true needs CUDA devices (SyncBatchNorm runs on GPUs only); on the "
+                         "CPU use trainer.sync_batchnorm=false, or turn batch norm off (backbone.batch_norm=false, ...)")
     if device_spec.startswith("cuda:"):
         raise ValueError(f"trainer.device={device_spec!r}: under torchrun each process takes the GPU of its "
                          "LOCAL_RANK; use auto or cuda")

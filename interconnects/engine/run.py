@@ -26,8 +26,8 @@ def guarded(fn, cfg: DictConfig):
     ``HYDRA_FULL_ERROR=1``). Exit status: 2 a bad setting, checkpoint or dataset; 3 a non-finite
     loss; 4 a checkpoint that could not be written; 128 + N stopped by signal N (130 Ctrl-C).
 
-    Every run directory gets ``job.json`` (overrides, status, wall time, exit code, error, threads,
-    device). In a multirun (``-m``) a failed job does not end the sweep: its one-line error goes to
+    A finished run's directory gets ``job.json`` (overrides, status, wall time, the optimised metric
+    and its value, threads, device), and so does every job of a sweep, failed or not. In a multirun (``-m``) a failed job does not end the sweep: its one-line error goes to
     ``error.txt`` in its directory and to stderr with its overrides, ``fn`` returns ``None`` (a failed
     trial for sweepers) and the sweep goes on; :class:`interconnects.config.SweepReport` makes the
     sweep exit 1 at its end. Only a signal (Ctrl-C, SIGTERM) still stops the whole sweep. A sweep job
@@ -56,7 +56,7 @@ def guarded(fn, cfg: DictConfig):
             job.resume_from_own_checkpoint(cfg)
             job.save_before_requeue()
         if distributed.env_world_size() > 1 and cfg.get("trainer") is not None:  # started by torchrun
-            cfg.trainer.device = distributed.init(cfg.trainer.device)
+            cfg.trainer.device = distributed.init(cfg.trainer.device, bool(cfg.trainer.get("sync_batchnorm")))
             if not distributed.is_primary():  # rank 0 reports; the others speak only of trouble
                 logging.getLogger("interconnects").setLevel(logging.WARNING)
         job.start(cfg)
@@ -254,10 +254,10 @@ class SweepJob:
             self._write()
 
     def finish(self, code: int, error: str | None, value=None) -> None:
-        """Record how the job ended; a failed job's directory also gets ``error.txt``. A run whose
-        directory was removed (refused before any work) stays without one."""
-        if self.run_dir is None or not self.run_dir.is_dir():
-            return
+        """Record how the job ended; a failed sweep job's directory also gets ``error.txt``. A single
+        run records only its success."""
+        if self.run_dir is None or not self.run_dir.is_dir() or (code != 0 and not self.multirun):
+            return  # (a single run's failure is its exit status and error line; its directory stays as the engine left it)
         if not self.record:  # failed before start() (e.g. a foreign job directory)
             self.record = {"overrides": self.overrides, "job_num": self.num, "pid": os.getpid(),
                            "host": socket.gethostname(), "wall_time_s_before": 0.0}
