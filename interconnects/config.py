@@ -7,6 +7,7 @@ checked by the classes they build. This module imports no torch, so ``--help`` s
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -69,6 +70,7 @@ class TrainerConfig:
     log_images: int = 16
     picture_every_n_epochs: int = 1  # task pictures (graphs, reconstructions, samples); 0: never
     picture_images: int = 4  # fixed validation images the pictures are drawn from
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over the global batch
 
 
 @dataclass
@@ -117,7 +119,13 @@ class EvaluateConfig:
 
 
 def _unique_suffix() -> str:
-    # time, process id and a random tag: two runs started in the same second never collide
+    # time, process id and a random tag: two runs started in the same second never collide.
+    # Under torchrun every rank must name the same directory: torchrun's run id (one per launch,
+    # shared by all ranks and nodes) replaces what differs between them.
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        run_id = os.environ["TORCHELASTIC_RUN_ID"]
+        # (without --standalone or --rdzv-id it is "none": then the launching torchrun's process id)
+        return f"{time.strftime('%Y-%m-%d')}_torchrun_{run_id if run_id not in ('', 'none') else os.getppid()}"
     return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}_{secrets.token_hex(2)}"
 
 
@@ -143,6 +151,8 @@ def _run_dir(ckpt_path: Optional[str], tags=(), base: str = "outputs/train") -> 
 def _output_subdir(ckpt_path: Optional[str]) -> Optional[str]:
     """Where Hydra writes the run's record: ``.hydra``; nowhere when resuming in place (the engine
     rewrites the record itself once the resume is accepted, so a refused one leaves it untouched)."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # torchrun: rank 0 writes the record of the shared directory
+        return None
     return None if _resumed_run(ckpt_path) is not None else ".hydra"
 
 
@@ -166,6 +176,41 @@ class OutputDirCheck(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._make("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
+def sweep_jobs(sweep_dir: str | Path) -> list[tuple[Path, dict]]:
+    """``(job directory, its job.json)`` for every job under ``sweep_dir``, in job-number order."""
+    jobs = []
+    for path in Path(sweep_dir).rglob("job.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = {"status": "unreadable", "error": f"{path} is not readable JSON"}
+        jobs.append((path.parent, record if isinstance(record, dict) else {}))
+    return sorted(jobs, key=lambda job: (int(job[1].get("job_num", 0) or 0), str(job[0])))
+
+
+class SweepReport(Callback):
+    """At the end of a multirun: one line per failed job (its overrides and error), the count, and
+    the summary command; exits 1 when any job failed, so the sweep's status tells."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = sweep_jobs(sweep_dir)
+        failed = [(d, r) for d, r in jobs if r.get("status") != "ok"]
+        print(f"\nsweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} job(s) finished, {len(failed)} failed",
+              file=sys.stderr if failed else sys.stdout)
+        for job_dir, record in failed:
+            overrides = " ".join(record.get("overrides") or [])
+            print(f"  failed {job_dir.relative_to(sweep_dir)} ({overrides}) [{record.get('status')}, exit "
+                  f"{record.get('exit_code')}]: {record.get('error')}", file=sys.stderr)
+        print(f"summary: python scripts/summarize_sweep.py {sweep_dir}", file=sys.stderr if failed else sys.stdout)
+        if failed:
+            # the sweep ran: its status is 1 ("some jobs failed"), not the 2 of a config that did not compose
+            from interconnects.engine.run import _mark_started
+
+            _mark_started()
+            sys.exit(1)
 
 
 def register() -> None:

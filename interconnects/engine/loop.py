@@ -21,6 +21,7 @@ import torch
 from ..config import flatten
 from .checkpoint import (FORMAT, VERSION, CheckpointError, check_structure, load_checkpoint,
                          remove_stale_temp_files, rng_state, save_atomic, set_rng_state, write_json_atomic)
+from . import distributed
 from .device import PRECISION, move, resolve_device, resolve_precision
 from .logger import build_logger
 
@@ -102,19 +103,26 @@ class Trainer:
         self.dtype = resolve_precision(cfg.precision, self.device)
         self.memory_format = torch.channels_last if cfg.get("channels_last") else torch.preserve_format
         self.logger_name, self.resume_hint = logger_name, resume_hint
-        self.primary = True  # the process that logs and writes files
+        self.primary = distributed.is_primary()  # the process that logs and writes files
         self._signal = None
         self._wrapped: dict[int, torch.nn.Module] = {}
+        self._ddp: dict[int, torch.nn.Module] = {}  # DistributedDataParallel wrappers, under torchrun
         self._step_skipped = False
 
     # ---- the step ---------------------------------------------------------------------------
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """What ``forward`` calls for ``module``: itself, or its ``torch.compile`` form."""
-        if not self.cfg.compile:
-            return module
-        if id(module) not in self._wrapped:
-            self._wrapped[id(module)] = torch.compile(module)
-        return self._wrapped[id(module)]
+        """What ``forward`` calls for ``module``: itself, or its ``torch.compile`` form; under torchrun,
+        for a training forward pass, wrapped in DistributedDataParallel (evaluation, without
+        gradients, runs the bare network on each rank's shard)."""
+        if self.cfg.compile:
+            if id(module) not in self._wrapped:
+                self._wrapped[id(module)] = torch.compile(module)
+            module = self._wrapped[id(module)]
+        if distributed.is_distributed() and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+            if id(module) not in self._ddp:
+                self._ddp[id(module)] = distributed.wrap(module, self.device)
+            module = self._ddp[id(module)]
+        return module
 
     def forward(self, module, *args, **kwargs):
         """Runs ``module(*args, **kwargs)`` under the configured precision (and torch.compile)."""
@@ -306,8 +314,8 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
     def reduce(self, sums: dict) -> dict:
-        """Evaluation sums added up over the processes of a distributed run (here: one)."""
-        return sums
+        """Evaluation sums added up over the processes of a distributed run."""
+        return distributed.reduce_sums(sums)
 
     def evaluate(self, task, loader, split: str, limit: int | None = None) -> tuple[dict[str, float], dict]:
         """``({split/metric: value}, sums)`` of ``task`` over ``loader`` (its first ``limit`` batches)."""
@@ -316,7 +324,7 @@ class Trainer:
         sums: dict = {}
         with torch.no_grad():
             for batch in itertools.islice(loader, limit):
-                for k, v in task.evaluation_step(self._to_device(batch), self.forward).items():
+                for k, v in task.evaluation_step(self._to_device(distributed.shard(batch)), self.forward).items():
                     v = torch.as_tensor(v).detach()
                     sums[k] = sums[k] + v if k in sums else v.clone()
         sums = self.reduce(sums)
@@ -370,6 +378,8 @@ class Trainer:
         """Optimizers, schedulers and scaler for ``task``; restore ``ckpt_path``; check that what
         an epoch's end runs works (before any training); open the logger."""
         cfg = self.cfg
+        if distributed.is_distributed() and cfg.get("sync_batchnorm"):
+            distributed.sync_batchnorm(task)  # (in place: the task's networks keep their parameters)
         self.task = task.to(self.device, memory_format=self.memory_format)
         groups = task.optimizer_groups()
         self.optimizers = {k: optimizers[k](params) for k, params in groups.items()}
@@ -441,7 +451,7 @@ class Trainer:
         bar = tqdm(batches, total=self.per_epoch, initial=self.batch_in_epoch, disable=not (cfg.progress and self.primary),
                    desc=f"epoch {self.epoch + 1}/{cfg.max_epochs}", leave=False, mininterval=1.0, dynamic_ncols=True)
         for batch in bar:
-            batch = self._to_device(batch)
+            batch = self._to_device(distributed.shard(batch))  # this rank's part of the global batch
             if self.step == 0 and cfg.log_images:
                 self.logger.images("inputs", batch[0][: cfg.log_images], 0)
             started = time.perf_counter()
@@ -464,8 +474,9 @@ class Trainer:
                     and self.batch_in_epoch < self.per_epoch:
                 self._save("last.ckpt")
         bar.close()
-        n = max(1.0, self.acc.pop("n", 1.0))
-        return {f"train/{k}_epoch": v / n for k, v in self.acc.items()}
+        acc = distributed.reduce_sums(self.acc)  # (the epoch means over every rank's shards)
+        n = max(1.0, acc.pop("n", 1.0))
+        return {f"train/{k}_epoch": v / n for k, v in acc.items()}
 
     def _report_speed(self, seconds: float) -> None:
         """After the run's first step: its time and the projected epoch time (so that a setting
@@ -497,6 +508,7 @@ class Trainer:
     def test(self, data) -> dict[str, float]:
         """Test with the best checkpoint's weights; write ``metrics.json``; return the metrics."""
         best_path = self.ckpt_dir / "best.ckpt"
+        distributed.barrier()  # every rank reads the best.ckpt that rank 0 wrote
         if not best_path.is_file():
             raise TrainingStopped(f"cannot test: {best_path} is missing (removed, or no epoch has finished)", 2)
         self.task.load_state_dict(load_checkpoint(best_path)["model"])

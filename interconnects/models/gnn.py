@@ -81,7 +81,7 @@ class _NodeNorm(nn.Module):
         self.norm = nn.BatchNorm1d(channels) if kind == "batch" else nn.LayerNorm(channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.norm, nn.BatchNorm1d):
+        if isinstance(self.norm, (nn.BatchNorm1d, nn.SyncBatchNorm)):  # (SyncBatchNorm: under torchrun)
             return self.norm(x.reshape(-1, x.shape[-1])).view(x.shape)
         return self.norm(x)
 
