@@ -16,4 +16,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    from interconnects.engine.run import entry
+
+    entry(main)

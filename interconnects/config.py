@@ -52,6 +52,8 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     progress: bool = True
     log_images: int = 16
+    picture_every_n_epochs: int = 1  # task pictures (graphs, reconstructions, samples); 0: never
+    picture_images: int = 4  # fixed validation images the pictures are drawn from
 
 
 @dataclass
@@ -73,7 +75,8 @@ class TrainConfig:
     scheduler: Any = MISSING
     seed: int = 42
     ckpt_path: Optional[str] = None
-    optimized_metric: str = "val/acc"
+    init_from: Optional[str] = None
+    optimized_metric: Optional[str] = None  # null: the task's monitored metric (val/acc, val/psnr, val/fid)
     tags: list = field(default_factory=list)
 
 
@@ -90,7 +93,7 @@ class EvalDataOverrides:
 @dataclass
 class EvaluateConfig:
     ckpt_path: str = MISSING
-    split: str = "test"  # test | val
+    split: str = "test"  # test | val | train
     data: EvalDataOverrides = field(default_factory=EvalDataOverrides)
     device: str = "auto"
     limit_batches: Optional[int] = None
@@ -101,13 +104,29 @@ def _unique_suffix() -> str:
     return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}_{secrets.token_hex(2)}"
 
 
-def _run_dir(ckpt_path: Optional[str], base: str = "outputs/train") -> str:
-    """Resuming from ``RUN/checkpoints/last.ckpt`` continues in ``RUN``; otherwise a new directory."""
+def _resumed_run(ckpt_path: Optional[str]) -> Optional[Path]:
+    """``RUN`` when ``ckpt_path`` is ``RUN/checkpoints/<name>.ckpt`` of a run directory, else ``None``."""
     if ckpt_path:
         run = Path(ckpt_path).parent.parent
         if Path(ckpt_path).parent.name == "checkpoints" and (run / ".hydra").is_dir():
-            return str(run)
-    return f"{base}/{_unique_suffix()}"
+            return run
+    return None
+
+
+def _run_dir(ckpt_path: Optional[str], tags=(), base: str = "outputs/train") -> str:
+    """Resuming from ``RUN/checkpoints/last.ckpt`` continues in ``RUN``; otherwise a new directory,
+    named by time, process, a random tag and the run's ``tags``."""
+    run = _resumed_run(ckpt_path)
+    if run is not None:
+        return str(run)
+    suffix = "".join(f"_{t}" for t in (tags or ()) if str(t).strip())
+    return f"{base}/{_unique_suffix()}{suffix}"
+
+
+def _output_subdir(ckpt_path: Optional[str]) -> Optional[str]:
+    """Where Hydra writes the run's record: ``.hydra``; nowhere when resuming in place (the engine
+    rewrites the record itself once the resume is accepted, so a refused one leaves it untouched)."""
+    return None if _resumed_run(ckpt_path) is not None else ".hydra"
 
 
 class OutputDirCheck(Callback):
@@ -141,3 +160,18 @@ def register() -> None:
         OmegaConf.register_new_resolver("ic_unique", _unique_suffix, use_cache=True)
     if not OmegaConf.has_resolver("ic_run_dir"):
         OmegaConf.register_new_resolver("ic_run_dir", _run_dir, use_cache=True)
+    if not OmegaConf.has_resolver("ic_output_subdir"):
+        OmegaConf.register_new_resolver("ic_output_subdir", _output_subdir, use_cache=True)
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists become strings): configs as HParams and as the
+    ``key=value`` pairs compared when resuming."""
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out

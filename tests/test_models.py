@@ -58,12 +58,16 @@ COMBOS = list(itertools.product(BACKBONES, INTERCONNECTS, GNNS, DECODERS))
 def test_combination_forward_backward(backbone, interconnect, gnn, decoder):
     """The group files are merged directly (composition itself is tested in test_runner) and each
     backbone is built once, so the few hundred combinations take seconds."""
-    from interconnects.models.hybrid import build_model
+    from interconnects.models.hybrid import ConfigError, build_model
 
     parts = {"backbone": backbone, "interconnect": interconnect, "gnn": gnn, "decoder": decoder, "task": "classify"}
     over = _settings(backbone, interconnect, gnn, decoder)
     cfg = OmegaConf.merge({g: _node(g, o) for g, o in parts.items()}, OmegaConf.from_dotlist(over))
     torch.manual_seed(0)
+    if interconnect == "none" and gnn != "none":  # no graph for the GNN: refused, never silently dropped
+        with pytest.raises(ConfigError, match=r"gnn.layer=.* needs a graph, but interconnect=none"):
+            build_model(cfg, IMAGE[0], IMAGE[1:], num_classes=3, backbone=copy.deepcopy(_backbone(backbone)))
+        return
     model = build_model(cfg, IMAGE[0], IMAGE[1:], num_classes=3, backbone=copy.deepcopy(_backbone(backbone)))
     images = torch.randn(2, *IMAGE, requires_grad=True)
     logits = model(images)

@@ -98,7 +98,10 @@ def test_evaluate_uses_the_checkpoint_config_not_todays_defaults(trained, tmp_pa
     proc = run_cli("evaluate.py", f"ckpt_path={trained / 'checkpoints' / 'best.ckpt'}", "split=val",
                    f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert set(json.loads((out / "metrics.json").read_text())) == {"val/acc", "val/loss"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    per_class = {f"val/acc/{c}" for c in range(10)}
+    assert set(metrics) == {"val/acc", "val/loss", "val/confusion"} | per_class
+    assert len(metrics["val/confusion"]) == 10 and sum(map(sum, metrics["val/confusion"])) == 400
 
 
 def test_tensorboard_event_file_holds_scalars(trained):

@@ -9,6 +9,7 @@ anywhere inside), so a file that merely unpickles cleanly is still not taken for
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -47,9 +48,9 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def save_atomic(state: dict, path: str | Path, mkdir: bool = True) -> None:
-    """Write ``state`` to ``path`` via a temporary file, fsync and rename: a crash at any moment
-    leaves either the old file or the new one, never a half-written one. A failed write (disk
+def write_atomic(path: str | Path, write, mode: str = "wb", mkdir: bool = True) -> None:
+    """Write ``path`` through ``write(file)`` via a temporary file, fsync and rename: a crash at any
+    moment leaves either the old file or the new one, never a half-written one. A failed write (disk
     full, folder gone) removes the temporary file, leaves ``path`` as it was and raises ``OSError``.
     ``mkdir=False``: the folder must exist (a folder removed during a run is an error, not re-made)."""
     path = Path(path)
@@ -57,8 +58,8 @@ def save_atomic(state: dict, path: str | Path, mkdir: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,6 +77,17 @@ def save_atomic(state: dict, path: str | Path, mkdir: bool = True) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def save_atomic(state: dict, path: str | Path, mkdir: bool = True) -> None:
+    """``torch.save(state)`` into ``path`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(state, f), "wb", mkdir)
+
+
+def write_json_atomic(values: dict, path: str | Path) -> None:
+    """``values`` as JSON into ``path`` atomically (see :func:`write_atomic`)."""
+    text = json.dumps(values, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, lambda f: f.write(text), "w", mkdir=False)
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:

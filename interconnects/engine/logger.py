@@ -18,6 +18,15 @@ class NullLogger:
     def images(self, tag: str, images: Tensor, step: int) -> None:
         pass
 
+    def image(self, tag: str, image: Tensor, step: int) -> None:
+        pass
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
     def hparams(self, params: dict, metrics: dict[str, float]) -> None:
         pass
 
@@ -47,6 +56,19 @@ class TensorBoardLogger(NullLogger):
 
         grid = make_grid(images.detach().float().cpu(), nrow=8, normalize=True, scale_each=True)
         self.writer.add_image(tag, grid, step)
+
+    def image(self, tag: str, image: Tensor, step: int) -> None:
+        """One picture ``[C, H, W]`` (or a batch ``[N, C, H, W]``, tiled) with values in [0, 1]."""
+        from torchvision.utils import make_grid
+
+        image = image.detach().float().cpu().clamp(0, 1)
+        self.writer.add_image(tag, make_grid(image, nrow=8) if image.dim() == 4 else image, step)
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        self.writer.add_figure(tag, figure, step, close=True)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
 
     def hparams(self, params: dict, metrics: dict[str, float]) -> None:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}

@@ -1,26 +1,30 @@
-"""The training engine: one readable loop that owns devices, precision, checkpoints and logging.
+"""The training engine: one loop that owns devices, precision, checkpoints, signals and logging.
 
-A task owns what one step computes (see :class:`interconnects.tasks.classify.ClassificationTask`).
+A task (:class:`interconnects.tasks.base.Task`) owns what a step computes and which networks it
+trains; the engine never assumes one network, an image batch or a metric's name. ``Trainer.fit``
+reads in one sitting: set up, then per epoch :meth:`Trainer.train_epoch` and
+:meth:`Trainer.end_epoch` (validate, pictures, best, save), then :meth:`Trainer.test` with the best
+weights.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
-import json
 import logging
-import os
-import random
 import signal
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
+from ..config import flatten
+from .checkpoint import (FORMAT, VERSION, CheckpointError, check_structure, load_checkpoint,
+                         remove_stale_temp_files, rng_state, save_atomic, set_rng_state, write_json_atomic)
+from .device import PRECISION, move, resolve_device
+from .logger import build_logger
 
 log = logging.getLogger(__name__)
-PRECISION = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 class TrainingStopped(RuntimeError):
@@ -31,34 +35,6 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
-def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` as given, if available.
-    ``key`` names the setting in error messages."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ValueError(f"{key}={spec!r} but CUDA is not available on this machine; use auto or cpu")
-        index = int(spec[5:]) if ":" in spec else 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"{key}={spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device(spec)
-    raise ValueError(f"{key}={spec!r} is not supported; use auto, cpu, cuda or cuda:N")
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch; with ``deterministic`` also ask torch for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
 def check_trainer_config(cfg) -> None:
     """One-line ``ValueError`` for a bad ``trainer.*`` value, before any work starts."""
     if cfg.max_epochs < 1:
@@ -67,8 +43,9 @@ def check_trainer_config(cfg) -> None:
         raise ValueError(f"trainer.precision={cfg.precision!r} is not supported; choose 32, bf16 or 16")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"trainer.on_nonfinite={cfg.on_nonfinite!r} is not supported; choose stop or skip")
-    for key in ("checkpoint_every_n_steps", "log_every_n_steps", "log_images"):
-        if cfg[key] < 0:
+    for key in ("checkpoint_every_n_steps", "log_every_n_steps", "log_images", "picture_every_n_epochs",
+                "picture_images"):
+        if cfg.get(key, 0) < 0:
             raise ValueError(f"trainer.{key}={cfg[key]} is out of range; it must be ≥ 0")
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         if cfg[key] is not None and cfg[key] < 1:
@@ -80,41 +57,35 @@ def check_trainer_config(cfg) -> None:
 
 def make_scheduler(factory, optimizer, total_steps: int):
     """Build a step-interval LR scheduler from a ``_partial_`` factory, passing the run's total
-    steps to whichever of ``total_steps`` / ``T_max`` / ``total_iters`` it takes and is not set."""
+    steps to whichever of ``total_steps`` / ``T_max`` it takes and is not set, and ``max_lr`` (the
+    optimizer's own learning rates) to a scheduler that takes it and is not given one."""
     if factory is None:
         return None
     params = inspect.signature(factory.func).parameters
     given = set(factory.keywords)
     extra = {k: total_steps for k in ("total_steps", "T_max") if k in params and k not in given}
+    if "max_lr" in params and "max_lr" not in given:
+        extra["max_lr"] = [group["lr"] for group in optimizer.param_groups]
     return factory(optimizer, **extra)
 
 
-def write_json_atomic(values: dict, path: Path) -> None:
-    """Write ``values`` as JSON via a temporary file, fsync and rename (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
-def _put(batch, device):
-    return [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch]
+def _take(batch, n: int):
+    """The first ``n`` items of every tensor in ``batch``."""
+    return [t[:n] if isinstance(t, torch.Tensor) else t for t in batch]
 
 
 class Trainer:
-    """Fits a task: ``fit(task, data, optimizer_factory, scheduler_factory, ckpt_path) -> metrics``.
+    """Fits a task: ``fit(task, data, optimizers, schedulers, ckpt_path) -> metrics``.
 
     Writes ``checkpoints/last.ckpt`` (every ``checkpoint_every_n_steps`` steps and at each epoch end),
-    ``checkpoints/best.ckpt`` (best value of the task's monitored validation metric) and
-    ``metrics.json`` into ``run_dir``. Resuming from a step-level checkpoint continues mid-epoch with
-    the same data order, augmentation and RNG states as an uninterrupted run.
+    ``checkpoints/best.ckpt`` (best value of the task's monitored validation metric; with no
+    validation split, the last epoch) and ``metrics.json`` into ``run_dir``. Resuming from a
+    step-level checkpoint continues mid-epoch with the same data order, augmentation and RNG states
+    as an uninterrupted run.
 
     Stops cleanly (:class:`TrainingStopped`, last good checkpoint untouched) on SIGINT / SIGTERM
     (after the current step, writing ``last.ckpt``), on a non-finite loss or gradient
@@ -130,17 +101,24 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.dtype = PRECISION[str(cfg.precision)]
         self.logger_name, self.resume_hint = logger_name, resume_hint
+        self.primary = True  # the process that logs and writes files
         self._signal = None
-        self._compiled = {}
+        self._wrapped: dict[int, torch.nn.Module] = {}
         self._step_skipped = False
 
     # ---- the step ---------------------------------------------------------------------------
-    def forward(self, module, inputs):
-        """Runs ``module(inputs)`` under the configured precision (and torch.compile)."""
-        if self.cfg.compile:
-            module = self._compiled.setdefault(id(module), torch.compile(module))
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """What ``forward`` calls for ``module``: itself, or its ``torch.compile`` form."""
+        if not self.cfg.compile:
+            return module
+        if id(module) not in self._wrapped:
+            self._wrapped[id(module)] = torch.compile(module)
+        return self._wrapped[id(module)]
+
+    def forward(self, module, *args, **kwargs):
+        """Runs ``module(*args, **kwargs)`` under the configured precision (and torch.compile)."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            return module(inputs)
+            return self.wrap(module)(*args, **kwargs)
 
     def _where(self) -> str:
         """The step being computed, 1-based: ``step S (epoch E, batch B of N)``."""
@@ -152,21 +130,28 @@ class Trainer:
             return f"no checkpoint written yet in {self.ckpt_dir}"
         return f"last good checkpoint {self.ckpt_dir / 'last.ckpt'} (step {self.last_saved}) kept"
 
-    def _nonfinite(self, opt, what: str) -> None:
-        if self.cfg.on_nonfinite == "stop":
+    def _zero_grad(self) -> None:
+        for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+
+    def _nonfinite(self, what: str) -> None:
+        self._zero_grad()
+        if self.cfg.on_nonfinite == "stop":
             raise TrainingStopped(
                 f"{what} at {self._where()}; stopped (trainer.on_nonfinite=stop), {self._kept()}. "
                 "Lower optimizer.lr or set trainer.grad_clip; trainer.on_nonfinite=skip drops such steps", 3)
         log.warning("%s at %s; step skipped (trainer.on_nonfinite=skip)", what, self._where())
-        opt.zero_grad(set_to_none=True)
-        self.skipped += 1
         self._step_skipped = True
 
-    def _optimize(self, name, loss):
+    def _optimize(self, name: str, loss) -> None:
+        """The ``optimize`` callback of a training step: clear every gradient of the task, backward
+        ``loss``, clip, check, step the optimizer of group ``name``."""
+        if self._step_skipped:  # an earlier network of this step already failed
+            return
         opt = self.optimizers[name]
         if not torch.isfinite(loss):
-            return self._nonfinite(opt, f"loss is {loss.item()}")
+            return self._nonfinite(f"loss of the {name!r} optimizer is {loss.item()}")
+        self._zero_grad()  # a generator's backward through the discriminator leaves gradients there
         self.scaler.scale(loss).backward()
         params = [p for g in opt.param_groups for p in g["params"]]
         if self.cfg.grad_clip:
@@ -175,10 +160,29 @@ class Trainer:
         if not self.scaler.is_enabled():  # (the fp16 scaler skips steps with inf gradients itself)
             grads = [p.grad for p in params if p.grad is not None]
             if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):  # one fused reduction
-                return self._nonfinite(opt, f"gradient norm of the {name!r} optimizer is not finite")
+                return self._nonfinite(f"gradient norm of the {name!r} optimizer is not finite")
         self.scaler.step(opt)
-        self.scaler.update()
-        opt.zero_grad(set_to_none=True)
+
+    def train_step(self, batch) -> dict:
+        """One training step of the task; the scaler is updated once, all gradients cleared."""
+        self._step_skipped = False
+        # a skipped step must leave the model as it was: its forward pass also moved
+        # the BatchNorm running statistics, so keep a copy of the buffers to put back
+        buffers = [(b, b.detach().clone()) for b in self.task.buffers()] if self.cfg.on_nonfinite == "skip" else []
+        metrics = self.task.training_step(batch, self.forward, self._optimize)
+        if self._step_skipped:
+            self.skipped += 1
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self._zero_grad()
+        for sched in self.schedulers.values():
+            sched.step()
+        self.step += 1
+        self.batch_in_epoch += 1
+        return metrics
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -196,6 +200,8 @@ class Trainer:
     def _save(self, name: str) -> None:
         """Write ``checkpoints/<name>`` atomically. Weights that are no longer finite are never
         written, and a failed write leaves the previous file as it was."""
+        if not self.primary:
+            return
         path = self.ckpt_dir / name
         if not all(bool(torch.isfinite(p).all()) for p in self.task.parameters()):
             raise TrainingStopped(
@@ -210,7 +216,7 @@ class Trainer:
             if name == "last.ckpt":
                 self.last_saved = self.step
         except OSError as exc:
-            reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = exc.strerror or _first_line(exc)
             if not self.ckpt_dir.is_dir():
                 reason = f"the folder {self.ckpt_dir} was removed or renamed during the run"
             raise TrainingStopped(
@@ -223,23 +229,36 @@ class Trainer:
             self.task.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise ValueError(
-                f"{path}: its weights do not fit the model built from this config "
-                f"({str(exc).splitlines()[0][:160]}); pass the same overrides as the run that wrote it"
-            ) from None
-        for key, sched in self.schedulers.items():
-            saved = (state.get("schedulers") or {}).get(key) or {}
+                f"{path}: its weights do not fit the model built from this config ({_first_line(exc)}); "
+                "pass the same overrides as the run that wrote it") from None
+        saved_scheds = state.get("schedulers") or {}
+        for group, sched in self.schedulers.items():
+            if group not in saved_scheds:
+                raise ValueError(
+                    f"{path} holds no LR scheduler state for {group!r} (it was written with scheduler=constant); "
+                    "resume with scheduler=constant, or start a new run from its weights with init_from=")
             for length in ("total_steps", "T_max"):
-                if length in saved and saved[length] != getattr(sched, length, saved[length]):
+                saved = saved_scheds[group].get(length)
+                if saved is not None and saved != getattr(sched, length, saved):
                     raise ValueError(
-                        f"{path}: its LR schedule spans {saved[length]} steps but this run's spans "
-                        f"{getattr(sched, length)} (trainer.max_epochs or limit_train_batches changed); "
-                        "resume with the run's own values, or use scheduler=constant"
-                    )
+                        f"{path}: its LR schedule spans {saved} steps but this run's spans "
+                        f"{getattr(sched, length)} (trainer.max_epochs or limit_train_batches changed); resume with "
+                        "the run's own values, or start a new run from its weights with init_from=")
+        missing = sorted(set(self.optimizers) - set(state.get("optimizers") or {}))
+        if missing:
+            raise ValueError(f"{path} holds no optimizer state for {', '.join(map(repr, missing))}; "
+                             "resume with the task= and optimizer= of the run that wrote it")
         try:
             for key, opt in self.optimizers.items():
                 opt.load_state_dict(state["optimizers"][key])
             for key, sched in self.schedulers.items():
-                sched.load_state_dict(state["schedulers"][key])
+                sched.load_state_dict(saved_scheds[key])
+            for key in sorted(set(saved_scheds) - set(self.schedulers)):
+                # the schedule is dropped (scheduler=constant): train on at the configured rate
+                for group in self.optimizers[key].param_groups:
+                    group["lr"] = self.optimizers[key].defaults["lr"]
+                log.warning("%s: its LR schedule for %r is dropped (scheduler=constant); the learning rate is "
+                            "now the configured %g", path, key, self.optimizers[key].defaults["lr"])
             self.scaler.load_state_dict(state["scaler"])
             self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
             self.best, self.acc = dict(state["best"]), dict(state["accumulators"])
@@ -247,11 +266,10 @@ class Trainer:
             if Path(path).resolve() == (self.ckpt_dir / "last.ckpt").resolve():
                 self.last_saved = self.step
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise ValueError(
-                f"{path}: its optimizer, scheduler or loop state does not fit this config ({type(exc).__name__}: {first}); "
-                "pass the same optimizer=, scheduler= and trainer.* overrides as the run that wrote it"
-            ) from None
+                f"{path}: its optimizer, scheduler or loop state does not fit this config "
+                f"({type(exc).__name__}: {_first_line(exc)}); "
+                "pass the same optimizer=, scheduler= and trainer.* overrides as the run that wrote it") from None
         if self.batch_in_epoch > self.per_epoch:
             raise ValueError(
                 f"{path} was written at batch {self.batch_in_epoch} of an epoch, but this config has "
@@ -279,141 +297,210 @@ class Trainer:
             f"stopped by {name} {where}; last.ckpt written. Resume with: {self.resume_hint}", 128 + self._signal)
 
     # ---- evaluation -------------------------------------------------------------------------
-    def evaluate(self, task, loader, prefix: str, limit: int | None = None) -> dict[str, float]:
-        """``{prefix/loss, prefix/acc}`` of ``task`` over ``loader`` (the first ``limit`` batches)."""
+    def reduce(self, sums: dict) -> dict:
+        """Evaluation sums added up over the processes of a distributed run (here: one)."""
+        return sums
+
+    def evaluate(self, task, loader, split: str, limit: int | None = None) -> tuple[dict[str, float], dict]:
+        """``({split/metric: value}, sums)`` of ``task`` over ``loader`` (its first ``limit`` batches)."""
         task.to(self.device).eval()
-        sums: dict[str, float] = {}
+        task.start_evaluation(split)
+        sums: dict = {}
         with torch.no_grad():
             for batch in itertools.islice(loader, limit):
-                out = task.evaluation_step(_put(batch, self.device), self.forward)
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        return {f"{prefix}/{k}": v for k, v in task.summarize(sums).items()}
+                for k, v in task.evaluation_step(move(batch, self.device), self.forward).items():
+                    v = torch.as_tensor(v).detach()
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+        sums = self.reduce(sums)
+        return {f"{split}/{k}": float(v) for k, v in task.summarize(sums, split).items()}, sums
 
-    # ---- the loop ---------------------------------------------------------------------------
-    def fit(self, task, data, optimizer_factory, scheduler_factory=None, ckpt_path=None,
+    def _log_pictures(self, pictures: dict, step: int) -> None:
+        for tag, picture in pictures.items():
+            if isinstance(picture, torch.Tensor):
+                self.logger.image(tag, picture, step)
+            else:
+                self.logger.figure(tag, picture, step)
+
+    def pictures(self, step: int) -> None:
+        """Log the task's pictures of the fixed picture images (train mode is restored after)."""
+        if self.picture_batch is None:
+            return
+        self.task.eval()
+        with torch.no_grad():
+            pictures = self.task.pictures(self.picture_batch, self.forward)
+        self.task.train()
+        if self.primary:
+            self._log_pictures(pictures, step)
+
+    # ---- the phases -------------------------------------------------------------------------
+    def fit(self, task, data, optimizers: dict, schedulers: dict | None = None, ckpt_path=None,
             state: dict | None = None) -> dict[str, float]:
-        """Train, validate each epoch, test with the best weights. ``ckpt_path`` resumes (``state``:
-        that checkpoint, already loaded with :func:`load_checkpoint`)."""
-        from tqdm.auto import tqdm
+        """Train, validate each epoch, test with the best weights. ``optimizers``: ``{group:
+        factory}`` for each of the task's optimizer groups (``schedulers`` likewise, ``None`` for
+        a constant LR); ``ckpt_path`` resumes (``state``: that checkpoint, already loaded)."""
+        self.setup(task, data, optimizers, schedulers or {}, ckpt_path, state)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.epoch < self.cfg.max_epochs:
+                train = self.train_epoch(data)
+                self.end_epoch(data, train)
+            if self.skipped:
+                log.warning("%d step(s) skipped for a non-finite loss or gradient", self.skipped)
+            return self.test(data)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            try:
+                self.logger.close()
+            except Exception as exc:  # noqa: BLE001 - never hide why the run ended
+                log.warning("could not close the logger: %s", exc)
 
-        from .checkpoint import remove_stale_temp_files
-        from .logger import build_logger
-
+    def setup(self, task, data, optimizers: dict, schedulers: dict, ckpt_path, state) -> None:
+        """Optimizers, schedulers and scaler for ``task``; restore ``ckpt_path``; check that what
+        an epoch's end runs works (before any training); open the logger."""
         cfg = self.cfg
         self.task = task.to(self.device)
-        self.optimizers = {k: optimizer_factory(p) for k, p in task.optimizer_groups().items()}
+        groups = task.optimizer_groups()
+        self.optimizers = {k: optimizers[k](params) for k, params in groups.items()}
         full = data.train_batches.per_epoch
-        per_epoch = self.per_epoch = min(full, cfg.limit_train_batches or full)
+        self.per_epoch = min(full, cfg.limit_train_batches or full)
         self.schedulers = {k: s for k, o in self.optimizers.items()
-                           if (s := make_scheduler(scheduler_factory, o, per_epoch * cfg.max_epochs)) is not None}
+                           if (s := make_scheduler(schedulers.get(k), o, self.per_epoch * cfg.max_epochs)) is not None}
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
         self.epoch = self.step = self.batch_in_epoch = self.skipped = 0
         self.last_saved = None  # the step of the last.ckpt this run wrote (or resumed from)
         self.best = {"metric": task.monitor, "value": None, "epoch": None}
         self.acc: dict[str, float] = {}
+        self.has_val = len(data.val.dataset) > 0
+        self.better = (lambda a, b: a > b) if task.monitor_mode == "max" else (lambda a, b: a < b)
+        task.setup(data)
         if ckpt_path:
             self._restore(ckpt_path, state)
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt_path and self.best["value"] is not None and not (self.ckpt_dir / "best.ckpt").is_file():
-            self._adopt_best(Path(ckpt_path).with_name("best.ckpt"))
-        for stale in remove_stale_temp_files(self.ckpt_dir):
-            log.info("removed %s, left by a run that was killed while writing it", stale.name)
-        logger = build_logger(self.logger_name, self.run_dir / "tensorboard", purge_step=self.step if ckpt_path else None)
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        better = (lambda a, b: a > b) if task.monitor_mode == "max" else (lambda a, b: a < b)
+        self.first_step = self.step
+        source = data.val if self.has_val else data.test
+        self.picture_batch = None
+        if cfg.picture_every_n_epochs and cfg.picture_images:
+            self.picture_batch = move(_take(next(iter(source)), cfg.picture_images), self.device)
+        self.preflight(source)
+        if self.primary:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if ckpt_path and self.best["value"] is not None and not (self.ckpt_dir / "best.ckpt").is_file():
+                self._adopt_best(Path(ckpt_path).with_name("best.ckpt"))
+            for stale in remove_stale_temp_files(self.ckpt_dir):
+                log.info("removed %s, left by a run that was killed while writing it", stale.name)
+        self.logger = build_logger(self.logger_name if self.primary else "none", self.run_dir / "tensorboard",
+                                   purge_step=self.step if ckpt_path else None)
+        if not ckpt_path:
+            table = ["| stage | trainable parameters |", "| --- | ---: |"]
+            table += [f"| {name} | {count:,} |" for name, count in task.parameter_table()]
+            self.logger.text("parameters", "\n".join(table), 0)
+
+    def preflight(self, loader) -> None:
+        """Run what an epoch's end runs (an evaluation step, the summary, the pictures, a
+        checkpoint's serialisation) on one batch before any training, so that a configuration
+        cannot fail only after an epoch of work. RNG states and the model are left as they were."""
+        saved = rng_state()
+        task = self.task
         try:
-            while self.epoch < cfg.max_epochs:
-                data.set_epoch(self.epoch, self.batch_in_epoch)
-                task.train()
-                batches = itertools.islice(data.train, max(0, per_epoch - self.batch_in_epoch))
-                bar = tqdm(batches, total=per_epoch, initial=self.batch_in_epoch, disable=not cfg.progress,
-                           desc=f"epoch {self.epoch + 1}/{cfg.max_epochs}", leave=False, mininterval=1.0, dynamic_ncols=True)
-                for batch in bar:
-                    batch = _put(batch, self.device)
-                    if self.step == 0 and cfg.log_images:
-                        logger.images("inputs", batch[0][: cfg.log_images], 0)
-                    self._step_skipped = False
-                    # a skipped step must leave the model as it was: its forward pass also moved
-                    # the BatchNorm running statistics, so keep a copy of the buffers to put back
-                    buffers = ([(b, b.detach().clone()) for b in task.buffers()]
-                               if cfg.on_nonfinite == "skip" else [])
-                    metrics = task.training_step(batch, self.forward, self._optimize)
-                    if self._step_skipped:
-                        with torch.no_grad():
-                            for b, saved in buffers:
-                                b.copy_(saved)
-                    for sched in self.schedulers.values():
-                        sched.step()
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    if not self._step_skipped:  # a skipped step's non-finite loss stays out of the epoch means
-                        for k, v in metrics.items():
-                            self.acc[k] = self.acc.get(k, 0.0) + float(v)
-                        self.acc["n"] = self.acc.get("n", 0.0) + 1
-                    bar.set_postfix({k: f"{float(v):.4f}" for k, v in metrics.items()}, refresh=False)
-                    if cfg.log_every_n_steps and self.step % cfg.log_every_n_steps == 0:
-                        lrs = {("lr" if k == "model" else f"lr/{k}"): o.param_groups[0]["lr"] for k, o in self.optimizers.items()}
-                        logger.scalars({**{f"train/{k}": float(v) for k, v in metrics.items()}, **lrs}, self.step)
-                    if self._signal is not None:
-                        self._save("last.ckpt")
-                        self._stop_for_signal(f"at epoch {self.epoch + 1}, step {self.step}")
-                    # (the epoch's last batch is saved at the epoch end, just below)
-                    if (cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0
-                            and self.batch_in_epoch < per_epoch):
-                        self._save("last.ckpt")
-                bar.close()
-                n = max(1.0, self.acc.pop("n", 1.0))
-                train = {f"train/{k}_epoch": v / n for k, v in self.acc.items()}
-                val = self.evaluate(task, data.val, "val", cfg.limit_val_batches)
-                self.epoch, self.batch_in_epoch, self.acc = self.epoch + 1, 0, {}
-                logger.scalars({**train, **val, "epoch": self.epoch}, self.step)
-                log.info("epoch %d/%d: %s", self.epoch, cfg.max_epochs,
-                         "  ".join(f"{k}={v:.4f}" for k, v in {**train, **val}.items()))
-                value = val[task.monitor]
-                previous = self.best["value"]
-                if previous is None or previous != previous or better(value, previous):  # (NaN never stays best)
-                    self.best = {"metric": task.monitor, "value": value, "epoch": self.epoch, **val, **train}
-                    self._save("best.ckpt")
-                self._save("last.ckpt")
-                if self._signal is not None:
-                    self._stop_for_signal(f"after epoch {self.epoch} (step {self.step})")
-            if self.skipped:
-                log.warning("%d step(s) skipped for a non-finite loss or gradient", self.skipped)
-            # test with the best checkpoint's weights
-            best_path = self.ckpt_dir / "best.ckpt"
-            if not best_path.is_file():
-                raise TrainingStopped(f"cannot test: {best_path} is missing (removed, or no epoch has finished)", 2)
-            best = load_checkpoint(best_path)
-            task.load_state_dict(best["model"])
-            test = self.evaluate(task, data.test, "test", cfg.limit_test_batches)
-            metrics = {k: v for k, v in self.best.items() if "/" in k and k != "metric"}
-            metrics.update(test)
-            metrics.update({"best_epoch": self.best["epoch"], "epochs": self.epoch, "steps": self.step})
-            logger.scalars(test, self.step)
-            logger.hparams(flatten(self.config), {k: v for k, v in metrics.items() if "/" in k})
-            try:
-                write_json_atomic(metrics, self.run_dir / "metrics.json")
-            except OSError as exc:
-                raise TrainingStopped(f"cannot write {self.run_dir / 'metrics.json'}: {exc.strerror or exc}; "
-                                      f"the checkpoints in {self.ckpt_dir} are complete", 4) from None
-            return metrics
+            task.eval()
+            task.start_evaluation("val")
+            with torch.no_grad():
+                batch = move(next(iter(loader)), self.device)
+                sums = {k: torch.as_tensor(v).detach() for k, v in task.evaluation_step(batch, self.forward).items()}
+                metrics = task.summarize(sums, "val")
+                if self.has_val and task.monitor.split("/", 1)[-1] not in metrics:
+                    raise ValueError(f"the task monitors {task.monitor!r} but its validation metrics are "
+                                     f"{', '.join(sorted(metrics))}")
+                if self.picture_batch is not None:
+                    task.pictures(self.picture_batch, self.forward)
+            check_structure(self._state(), "the checkpoint this run would write")
         finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            try:
-                logger.close()
-            except Exception as exc:  # noqa: BLE001 - never hide why the run ended
-                log.warning("could not close the logger: %s", exc)
+            task.train()
+            set_rng_state(saved)
 
+    def train_epoch(self, data) -> dict[str, float]:
+        """One epoch of training steps (from ``batch_in_epoch`` when resuming); returns the epoch's
+        mean training metrics ``{train/<name>_epoch: value}``."""
+        from tqdm.auto import tqdm
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists become strings)."""
-    out = {}
-    for k, v in config.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return out
+        cfg, task = self.cfg, self.task
+        data.set_epoch(self.epoch, self.batch_in_epoch)
+        task.train()
+        batches = itertools.islice(data.train, max(0, self.per_epoch - self.batch_in_epoch))
+        bar = tqdm(batches, total=self.per_epoch, initial=self.batch_in_epoch, disable=not (cfg.progress and self.primary),
+                   desc=f"epoch {self.epoch + 1}/{cfg.max_epochs}", leave=False, mininterval=1.0, dynamic_ncols=True)
+        for batch in bar:
+            batch = move(batch, self.device)
+            if self.step == 0 and cfg.log_images:
+                self.logger.images("inputs", batch[0][: cfg.log_images], 0)
+            started = time.perf_counter()
+            metrics = self.train_step(batch)
+            if self.step == self.first_step + 1:
+                self._report_speed(time.perf_counter() - started)
+            if not self._step_skipped:  # a skipped step's non-finite loss stays out of the epoch means
+                for k, v in metrics.items():
+                    self.acc[k] = self.acc.get(k, 0.0) + float(v)
+                self.acc["n"] = self.acc.get("n", 0.0) + 1
+            bar.set_postfix({k: f"{float(v):.4f}" for k, v in metrics.items()}, refresh=False)
+            if cfg.log_every_n_steps and self.step % cfg.log_every_n_steps == 0:
+                lrs = {("lr" if k == "model" else f"lr/{k}"): o.param_groups[0]["lr"] for k, o in self.optimizers.items()}
+                self.logger.scalars({**{f"train/{k}": float(v) for k, v in metrics.items()}, **lrs}, self.step)
+            if self._signal is not None:
+                self._save("last.ckpt")
+                self._stop_for_signal(f"at epoch {self.epoch + 1}, step {self.step}")
+            # (the epoch's last batch is saved at the epoch end)
+            if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0 \
+                    and self.batch_in_epoch < self.per_epoch:
+                self._save("last.ckpt")
+        bar.close()
+        n = max(1.0, self.acc.pop("n", 1.0))
+        return {f"train/{k}_epoch": v / n for k, v in self.acc.items()}
+
+    def _report_speed(self, seconds: float) -> None:
+        """After the run's first step: its time and the projected epoch time (so that a setting
+        that makes a step very slow is seen at once, not after an hour)."""
+        epoch = seconds * self.per_epoch
+        log.info("first training step: %.2f s; about %s per epoch of %d steps (the first step includes warm-up)",
+                 seconds, f"{epoch / 60:.1f} min" if epoch >= 60 else f"{epoch:.1f} s", self.per_epoch)
+
+    def end_epoch(self, data, train: dict[str, float]) -> None:
+        """Validate, log, draw the pictures, keep the best checkpoint, save ``last.ckpt``."""
+        cfg, task = self.cfg, self.task
+        val = self.evaluate(task, data.val, "val", cfg.limit_val_batches)[0] if self.has_val else {}
+        self.epoch, self.batch_in_epoch, self.acc = self.epoch + 1, 0, {}
+        task.train()
+        self.logger.scalars({**train, **val, "epoch": self.epoch}, self.step)
+        log.info("epoch %d/%d: %s", self.epoch, cfg.max_epochs, "  ".join(f"{k}={v:.4f}" for k, v in {**train, **val}.items()))
+        if cfg.picture_every_n_epochs and self.epoch % cfg.picture_every_n_epochs == 0:
+            self.pictures(self.step)
+        value = val.get(task.monitor)
+        previous = self.best["value"]
+        # with no validation split every epoch is the best so far; NaN never stays best
+        if not self.has_val or previous is None or previous != previous or self.better(value, previous):
+            self.best = {"metric": task.monitor, "value": value, "epoch": self.epoch, **val, **train}
+            self._save("best.ckpt")
+        self._save("last.ckpt")
+        if self._signal is not None:
+            self._stop_for_signal(f"after epoch {self.epoch} (step {self.step})")
+
+    def test(self, data) -> dict[str, float]:
+        """Test with the best checkpoint's weights; write ``metrics.json``; return the metrics."""
+        best_path = self.ckpt_dir / "best.ckpt"
+        if not best_path.is_file():
+            raise TrainingStopped(f"cannot test: {best_path} is missing (removed, or no epoch has finished)", 2)
+        self.task.load_state_dict(load_checkpoint(best_path)["model"])
+        test, sums = self.evaluate(self.task, data.test, "test", self.cfg.limit_test_batches)
+        metrics = {k: v for k, v in self.best.items() if "/" in k and k != "metric"}
+        metrics.update(test)
+        metrics.update({"best_epoch": self.best["epoch"], "epochs": self.epoch, "steps": self.step})
+        if not self.primary:
+            return metrics
+        self.logger.scalars(test, self.step)
+        self._log_pictures(self.task.test_pictures(sums), self.step)
+        self.logger.hparams(flatten(self.config), {k: v for k, v in metrics.items() if "/" in k})
+        try:
+            write_json_atomic(metrics, self.run_dir / "metrics.json")
+        except OSError as exc:
+            raise TrainingStopped(f"cannot write {self.run_dir / 'metrics.json'}: {exc.strerror or exc}; "
+                                  f"the checkpoints in {self.ckpt_dir} are complete", 4) from None
+        return metrics

@@ -118,6 +118,10 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
         fmap = backbone(dummy)
     channels = fmap.shape[1]
     interconnect = build_part("interconnect", cfg.interconnect, in_channels=channels, image_size=tuple(image_size))
+    gnn_layer = (cfg.get("gnn") or {}).get("layer", "none") if (cfg.get("gnn") or {}).get("_target_") else "none"
+    if interconnect is None and gnn_layer != "none":
+        raise ConfigError(f"gnn.layer={gnn_layer!r} needs a graph, but interconnect=none builds none; "
+                          "use gnn=none for the CNN baseline, or choose an interconnect (grid, keypoints, knn)")
     gnn = build_part("gnn", cfg.gnn, in_channels=channels) if interconnect is not None else None
     graph_channels = gnn.out_channels if gnn is not None else channels
     decoder = build_part("decoder", cfg.decoder, graph_channels=graph_channels, fmap_channels=channels)

@@ -1,0 +1,46 @@
+"""Where and how a run computes: the device, the precision, and the seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+#: ``trainer.precision`` → the autocast dtype (``None``: full float32).
+PRECISION = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` as given, if available.
+    ``key`` names the setting in error messages."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key}={spec!r} but CUDA is not available on this machine; use auto or cpu")
+        index = int(spec[5:]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"{key}={spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device(spec)
+    raise ValueError(f"{key}={spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def move(batch, device: torch.device):
+    """``batch`` (a tuple or list of tensors and other values) on ``device``; tensors in pinned
+    memory are copied without blocking."""
+    return [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch]
