@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 FID_FEATURES = ("classifier", "inception")
+# KID keeps every feature vector: a few thousand 128-wide vectors here, so its memory notice says nothing
+warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted features")
 #: Bumped whenever the classifier or its training changes, so that old cache entries are not reused.
 CLASSIFIER_VERSION = 1
 CLASSIFIER_EPOCHS = 3
