@@ -1,0 +1,222 @@
+"""Networks of the generative tasks: the reconstructor of the autoencoder, and the graph GAN's
+generator and discriminator.
+
+- :class:`Reconstructor`: decoder features ``[B, C, h, w]`` → an image ``[B, C_img, H, W]``
+  (upsample + conv), the last stage of ``task=reconstruct``.
+- :class:`GraphGenerator`: random node features on a latent grid (grid or kNN edges) → GNN layers →
+  graph → CNN → upsampling to the image, ``tanh``: images in ``[-1, 1]``.
+- :class:`GraphDiscriminator`: CNN features → kNN graph in feature space → GNN → a score per node →
+  a small MLP over the node scores → one logit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+from .._edges import check_choice
+from ..graph import GraphBatch
+from ..grid import DenseGrid
+from ..knn import KNNGraph
+from ..to_cnn import GraphToCNN
+from .gnn import GNN_LAYERS, GNNHead
+
+GENERATOR_EDGES = ("grid", "knn")
+
+
+def _check_int(name: str, value, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is out of range; it must be an integer ≥ {low}")
+
+
+def _upsample_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """×2 nearest upsampling → 3×3 conv → batch norm → ReLU."""
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _upsampler(in_channels: int, channels: int, out_channels: int, in_size, image_size) -> tuple[nn.Module, int]:
+    """``[B, in_channels, h, w] -> [B, out_channels, H, W]``: ×2 upsampling blocks until the map is at
+    least the image size, a bilinear resize to the exact size when it overshoots (7 → 14 → 28 needs
+    none), then a 3×3 conv. Returns the module and the number of ×2 blocks."""
+    h, w = in_size
+    H, W = image_size
+    steps = max(0, math.ceil(math.log2(max(H / h, W / w))))
+    blocks, c = [], in_channels
+    for _ in range(steps):
+        blocks.append(_upsample_block(c, channels))
+        c = channels
+    if (h * 2**steps, w * 2**steps) != (H, W):
+        blocks.append(nn.Upsample(size=(H, W), mode="bilinear", align_corners=False))
+    blocks.append(nn.Conv2d(c, out_channels, 3, padding=1))
+    return nn.Sequential(*blocks), steps
+
+
+class Reconstructor(nn.Module):
+    """Decoder features back to the input size: ``[B, in_channels, h, w] -> [B, out_channels, H, W]``
+    by ×2 upsample + 3×3 conv blocks (a bilinear resize when the sizes are not a power-of-2 apart)
+    and a last 3×3 conv with no activation (the image is predicted in the data's normalised units).
+
+    Args:
+        in_channels: channels of the decoder's feature map.
+        out_channels: image channels.
+        in_size: ``(h, w)`` of the decoder's map.
+        image_size: ``(H, W)`` of the images.
+        channels: width of the upsampling blocks.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_size, image_size, channels: int = 32) -> None:
+        super().__init__()
+        _check_int("channels", channels)
+        self.net, _ = _upsampler(in_channels, channels, out_channels, tuple(in_size), tuple(image_size))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``[B, in_channels, h, w] -> [B, out_channels, H, W]``."""
+        return self.net(features)
+
+
+class GraphGenerator(nn.Module):
+    """Noise on a graph → image: ``z [B, N, latent_dim] -> images [B, C, H, W]`` in ``[-1, 1]``.
+
+    The ``N = h·w`` nodes sit on a latent grid (node ``n`` at cell ``(n // w, n % w)``); each carries
+    random features plus a learned embedding of its cell (so the GNN knows where it is). Edges are
+    ``grid`` (:class:`~interconnects.DenseGrid`, the complete inverse-distance graph, normalised) or
+    ``knn`` (:class:`~interconnects.KNNGraph` in the space of the embedded node features). GNN layers
+    (:class:`~interconnects.models.gnn.GNNHead`) mix the nodes, graph → CNN
+    (:class:`~interconnects.GraphToCNN`) puts them back on the grid, and ×2 upsampling blocks reach
+    the image size, then ``tanh``.
+
+    Args:
+        out_channels: image channels.
+        image_size: ``(H, W)``.
+        latent_dim: random features per node.
+        grid_size: side of the latent grid (``h = w``); ``None``: a quarter of the image side.
+        channels: width of the GNN and of the upsampling blocks.
+        num_layers: GNN layers.
+        layer: GNN layer (one of :data:`~interconnects.models.gnn.GNN_LAYERS`).
+        edges: ``grid`` or ``knn``.
+        k: neighbours per node for ``knn`` edges.
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        image_size,
+        latent_dim: int = 16,
+        grid_size: int | None = None,
+        channels: int = 64,
+        num_layers: int = 2,
+        layer: str = "graphconv",
+        edges: str = "grid",
+        k: int = 8,
+    ) -> None:
+        super().__init__()
+        check_choice("edges", edges, GENERATOR_EDGES)
+        check_choice("layer", layer, GNN_LAYERS)
+        _check_int("latent_dim", latent_dim)
+        _check_int("channels", channels)
+        H, W = image_size
+        side = grid_size if grid_size is not None else max(1, min(H, W) // 4)
+        _check_int("grid_size", side)
+        if side > min(H, W):
+            raise ValueError(f"grid_size={side} is out of range; it must be at most the image side {min(H, W)}")
+        self.latent_dim, self.grid = latent_dim, (side, side)
+        self.num_nodes = side * side
+        if edges == "knn" and not 1 <= k < self.num_nodes:
+            raise ValueError(f"k={k!r} is out of range; it must be in [1, {self.num_nodes - 1}] for a {side}×{side} latent grid")
+        self.embed = nn.Parameter(torch.randn(self.num_nodes, channels) * 0.1)
+        self.lift = nn.Linear(latent_dim, channels)
+        self.graph = DenseGrid(normalize=True) if edges == "grid" else KNNGraph(k=k)
+        self.gnn = GNNHead(channels, layer=layer, hidden_channels=channels, num_layers=num_layers, norm="batch")
+        self.to_cnn = GraphToCNN()
+        self.up, _ = _upsampler(self.gnn.out_channels, channels, out_channels, self.grid, (H, W))
+
+    def noise(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Random node features ``[batch_size, N, latent_dim]`` (standard normal)."""
+        return torch.randn(batch_size, self.num_nodes, self.latent_dim, generator=generator, device=device)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``z [B, N, latent_dim] -> images [B, out_channels, H, W]`` in ``[-1, 1]``."""
+        b = z.shape[0]
+        h, w = self.grid
+        x = self.lift(z) + self.embed  # [B, N, C]
+        graph = self.graph(x.transpose(1, 2).reshape(b, -1, h, w))
+        graph = self.gnn(graph)
+        return torch.tanh(self.up(self.to_cnn(graph)))
+
+
+class GraphDiscriminator(nn.Module):
+    """Image → one logit: ``images [B, C, H, W] -> [B]``.
+
+    Strided convs (LeakyReLU) give a feature map ``[B, channels, h, w]``; :class:`~interconnects.KNNGraph`
+    joins each cell to its ``k`` nearest cells in feature space (one batched top-k, no per-image
+    loop); GNN layers; a linear score per node ``[B, N]``; a small MLP over the ``N`` node scores →
+    one logit. No batch norm anywhere (it would couple the samples of a batch and break the R1
+    penalty's per-sample gradient).
+
+    Args:
+        in_channels: image channels.
+        image_size: ``(H, W)``.
+        channels: width of the CNN and the GNN.
+        downsamples: stride-2 convs (``28 → 14 → 7`` for 2).
+        k: neighbours per node of the kNN graph.
+        num_layers: GNN layers.
+        layer: GNN layer.
+        hidden: width of the MLP over node scores.
+        spectral_norm: wrap every conv and linear layer in spectral normalisation.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size,
+        channels: int = 64,
+        downsamples: int = 2,
+        k: int = 8,
+        num_layers: int = 2,
+        layer: str = "graphconv",
+        hidden: int = 64,
+        spectral_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_int("channels", channels)
+        _check_int("downsamples", downsamples, 0)
+        _check_int("hidden", hidden)
+        check_choice("layer", layer, GNN_LAYERS)
+        H, W = image_size
+        h, w = H, W
+        convs, c = [nn.Conv2d(in_channels, channels, 3, padding=1), nn.LeakyReLU(0.2)], channels
+        for _ in range(downsamples):
+            convs += [nn.Conv2d(c, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            h, w = h // 2, w // 2
+        self.cnn = nn.Sequential(*convs)
+        self.num_nodes = h * w
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < self.num_nodes:
+            raise ValueError(f"k={k!r} is out of range; it must be in [1, {self.num_nodes - 1}] for a {h}×{w} feature map")
+        self.graph = KNNGraph(k=k)
+        self.gnn = GNNHead(channels, layer=layer, hidden_channels=channels, num_layers=num_layers, norm=None,
+                           act="leaky_relu")
+        self.node_score = nn.Linear(self.gnn.out_channels, 1)
+        self.mlp = nn.Sequential(nn.Linear(self.num_nodes, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+        if spectral_norm:
+            self._apply_spectral_norm()
+
+    def _apply_spectral_norm(self) -> None:
+        for module in list(self.modules()):
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                spectral_norm(module)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``images [B, C, H, W]`` (in ``[-1, 1]``) → logits ``[B]``."""
+        graph: GraphBatch = self.graph(self.cnn(images))
+        graph = self.gnn(graph)
+        scores = self.node_score(graph.x).squeeze(-1)  # [B, N]
+        return self.mlp(F.leaky_relu(scores, 0.2)).squeeze(-1)
