@@ -40,7 +40,10 @@ def _settings(backbone, interconnect, gnn, decoder) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _node(group: str, option: str):
-    return OmegaConf.load(CONFIGS / group / f"{option}.yaml")
+    """A group option's file, merged over the options of its own group it inherits from."""
+    node = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
+    bases = [d for d in node.pop("defaults", []) if d != "_self_"]
+    return OmegaConf.merge(*(_node(group, base) for base in bases), node)
 
 
 @functools.lru_cache(maxsize=None)
