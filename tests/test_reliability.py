@@ -161,6 +161,13 @@ def one_error_line(proc: Proc) -> str:
     return lines[0]
 
 
+def stopped(jobs, name: str, status: int) -> tuple[dict, str]:
+    """The scenario ``name``'s results, once its process ended with ``status`` and one error line."""
+    r = result(jobs, name)
+    assert r["proc"].returncode == status, r["proc"].output[-3000:]
+    return r, one_error_line(r["proc"])
+
+
 # ---- the scenarios (each runs in a worker thread, acting on its processes in real time) ------------
 def reference_run(tmp: Path) -> Path:
     """The uninterrupted run every resumed run is compared with."""
@@ -428,10 +435,8 @@ def test_sigterm_finishes_the_step_writes_last_ckpt_and_prints_the_resume_comman
 
 # ---- 4. non-finite loss ---------------------------------------------------------------------------
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(jobs):
-    r = result(jobs, "stop")
-    proc, run = r["proc"], r["run"]
-    assert proc.returncode == 3, proc.output[-3000:]
-    line = one_error_line(proc)
+    r, line = stopped(jobs, "stop", 3)
+    run = r["run"]
     match = re.search(r"loss is nan at step (\d+) \(epoch 1, batch (\d+) of 6\); stopped \(trainer.on_nonfinite=stop\), "
                       r"last good checkpoint \S+last.ckpt \(step (\d+)\) kept", line)
     assert match and match[1] == match[2], line
@@ -504,10 +509,8 @@ def test_load_checkpoint_refuses_missing_foreign_and_truncated_files(jobs, tmp_p
 
 # ---- 6. failed writes ------------------------------------------------------------------------------
 def test_disk_full_stops_with_a_clear_line_and_keeps_last_ckpt(jobs):
-    r = result(jobs, "disk_full")
-    proc, last = r["proc"], r["last"]
-    assert proc.returncode == 4, proc.output[-3000:]
-    line = one_error_line(proc)
+    r, line = stopped(jobs, "disk_full", 4)
+    last = r["last"]
     match = re.fullmatch(rf"error: cannot write {re.escape(str(last))} at step (\d+): No space left on device; "
                          r"the previous last\.ckpt was left as it was\. Fix that, then resume with: python train\.py .+", line)
     assert match, line
@@ -517,10 +520,8 @@ def test_disk_full_stops_with_a_clear_line_and_keeps_last_ckpt(jobs):
 
 
 def test_checkpoint_folder_removed_mid_run_stops_with_a_clear_line(jobs):
-    r = result(jobs, "folder_gone")
-    proc, ckpt_dir = r["proc"], r["ckpt_dir"]
-    assert proc.returncode == 4, proc.output[-3000:]
-    line = one_error_line(proc)
+    r, line = stopped(jobs, "folder_gone", 4)
+    ckpt_dir = r["ckpt_dir"]
     assert f"cannot write {ckpt_dir / 'last.ckpt'}" in line and "was removed or renamed during the run" in line, line
     assert not ckpt_dir.exists()  # not silently made again
     assert load(r["moved"] / "last.ckpt")["step"] >= 2

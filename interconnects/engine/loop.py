@@ -159,7 +159,8 @@ class Trainer:
             return
         opt = self.optimizers[name]
         if not torch.isfinite(loss):
-            return self._nonfinite(f"loss of the {name!r} optimizer is {loss.item()}")
+            owner = "" if len(self.optimizers) == 1 else f"{name} "
+            return self._nonfinite(f"{owner}loss is {loss.item()}")
         self._zero_grad()  # a generator's backward through the discriminator leaves gradients there
         self.scaler.scale(loss).backward()
         params = [p for g in opt.param_groups for p in g["params"]]
