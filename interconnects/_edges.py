@@ -1,29 +1,11 @@
-"""Edge weights and argument checks shared by the interconnects."""
+"""Edge weights shared by the interconnects."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-
-def check_choice(name: str, value, choices) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
-
-
-def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a positive (or non-negative) number."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name}={value!r} is out of range; it must be a number {'≥ 0' if allow_zero else '> 0'}")
-
-
-def check_fmap(fmap) -> None:
-    """Raise ``ValueError`` unless ``fmap`` is a 4-D ``[B, C, h, w]`` tensor."""
-    if not isinstance(fmap, Tensor) or fmap.dim() != 4:
-        shape = tuple(fmap.shape) if isinstance(fmap, Tensor) else type(fmap).__name__
-        raise ValueError(f"fmap must be a 4-D tensor [B, C, h, w], got {shape}")
+from .checks import check_choice, check_fmap, check_positive  # noqa: F401 - the interconnects' checks
 
 
 def grid_positions(h: int, w: int, device=None, dtype=torch.float32) -> Tensor:

@@ -8,15 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from ._edges import (
-    check_choice,
-    check_fmap,
-    check_positive,
     distance_weights,
     knn_mask,
     normalize_symmetric,
     pairwise_distance,
     set_self_loops,
 )
+from .checks import check_choice, check_fmap, check_positive
 from .detectors import DETECTORS, cell_scores
 from .graph import GraphBatch
 

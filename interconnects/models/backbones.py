@@ -9,10 +9,7 @@ import math
 
 from torch import Tensor, nn
 
-
-def _check_int(name: str, value, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} is out of range; it must be an integer ≥ {low}")
+from ..checks import check_int
 
 
 class Pixels(nn.Module):
@@ -47,9 +44,9 @@ class SimpleCNN(nn.Module):
         self, in_channels: int, depth: int = 3, width: int = 32, batch_norm: bool = True, output_stride: int = 4
     ) -> None:
         super().__init__()
-        _check_int("depth", depth)
-        _check_int("width", width)
-        _check_int("output_stride", output_stride)
+        check_int("depth", depth)
+        check_int("width", width)
+        check_int("output_stride", output_stride)
         downsamples = int(math.log2(output_stride))
         if 2**downsamples != output_stride or downsamples > depth:
             raise ValueError(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .._edges import check_choice
+from ..checks import check_choice, check_int
 from ..graph import GraphBatch
 from ..grid import DenseGrid
 from ..knn import KNNGraph
@@ -26,11 +26,6 @@ from ..to_cnn import GraphToCNN
 from .gnn import GNN_LAYERS, GNNHead
 
 GENERATOR_EDGES = ("grid", "knn")
-
-
-def _check_int(name: str, value, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} is out of range; it must be an integer ≥ {low}")
 
 
 def _upsample_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -75,7 +70,7 @@ class Reconstructor(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, in_size, image_size, channels: int = 32) -> None:
         super().__init__()
-        _check_int("channels", channels)
+        check_int("channels", channels)
         self.net, _ = _upsampler(in_channels, channels, out_channels, tuple(in_size), tuple(image_size))
 
     def forward(self, features: Tensor) -> Tensor:
@@ -121,11 +116,11 @@ class GraphGenerator(nn.Module):
         super().__init__()
         check_choice("edges", edges, GENERATOR_EDGES)
         check_choice("layer", layer, GNN_LAYERS)
-        _check_int("latent_dim", latent_dim)
-        _check_int("channels", channels)
+        check_int("latent_dim", latent_dim)
+        check_int("channels", channels)
         H, W = image_size
         side = grid_size if grid_size is not None else max(1, min(H, W) // 4)
-        _check_int("grid_size", side)
+        check_int("grid_size", side)
         if side > min(H, W):
             raise ValueError(f"grid_size={side} is out of range; it must be at most the image side {min(H, W)}")
         self.latent_dim, self.grid = latent_dim, (side, side)
@@ -187,9 +182,9 @@ class GraphDiscriminator(nn.Module):
         spectral_norm: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("channels", channels)
-        _check_int("downsamples", downsamples, 0)
-        _check_int("hidden", hidden)
+        check_int("channels", channels)
+        check_int("downsamples", downsamples, 0)
+        check_int("hidden", hidden)
         check_choice("layer", layer, GNN_LAYERS)
         H, W = image_size
         h, w = H, W

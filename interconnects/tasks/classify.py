@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..checks import check_fraction
 from .base import Forward, Optimize, Task
 
 
@@ -24,8 +25,7 @@ class ClassificationTask(Task):
         """``head``: options of the classifier head (``bias``, ``dropout``); the model builder reads
         them from the task config and builds the head into ``model``, so they are not used here."""
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing!r} is out of range; it must be in [0, 1)")
+        check_fraction("label_smoothing", label_smoothing)
         self.model = model
         self.label_smoothing = label_smoothing
         self.num_classes = model.head.fc.out_features if hasattr(model.head, "fc") else None
