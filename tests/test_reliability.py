@@ -322,7 +322,7 @@ BAD_INPUTS = [
     ("ckpt_path foreign", "train.py", ["ckpt_path={tmp}/notes.txt"], ["{tmp}/notes.txt is not a checkpoint"], True),
     ("ckpt_path truncated", "train.py", ["ckpt_path={tmp}/half.ckpt"], ["{tmp}/half.ckpt is truncated or corrupt"], True),
     ("resume with another model", "train.py", ["gnn.hidden_channels=16", "ckpt_path={good}"],
-     ["does not fit", "gnn.hidden_channels=16 here but 8 in the checkpoint"], True),
+     ["was written by another model", "gnn.hidden_channels=16 here but 8 in the checkpoint"], True),
     ("cuda without cuda", "train.py", ["trainer.device=cuda"], ["trainer.device='cuda'", "CUDA is not available", "auto or cpu"], True),
     ("evaluate without ckpt_path", "evaluate.py", [], ["ckpt_path is missing"], True),
 ]

@@ -26,21 +26,22 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_config_composes_and_instantiates(group, option, tmp_path):
-    from hydra.utils import instantiate
-
     from interconnects.data import check_data_config, data_info
     from interconnects.engine.loop import check_trainer_config, make_scheduler
-    from interconnects.engine.run import build_task
+    from interconnects.engine.run import build_factories, build_task
 
     # an image folder is read for its classes, channels and size: give it a small one
     folder = [f"data.root={make_image_folder(tmp_path / 'pics')}"] if (group, option) == ("data", "image_folder") else []
-    cfg = compose([f"{group}={option}", *folder])
+    # options that only make sense together: no graph, no graph layers (the CNN baseline); the
+    # GAN's two optimizers for the GAN's two networks
+    partner = {("interconnect", "none"): ["gnn=none"], ("optimizer", "gan"): ["task=gan"]}.get((group, option), [])
+    cfg = compose([f"{group}={option}", *folder, *partner])
     check_data_config(cfg.data)
     check_trainer_config(cfg.trainer)
     task = build_task(cfg, data_info(cfg.data))
-    optimizer = instantiate(cfg.optimizer)(task.parameters())
-    scheduler = instantiate(cfg.scheduler) if cfg.scheduler.get("_target_") else None
-    make_scheduler(scheduler, optimizer, 10)
+    optimizers, schedulers = build_factories(cfg, list(task.optimizer_groups()))
+    for group, params in task.optimizer_groups().items():
+        make_scheduler(schedulers[group], optimizers[group](params), 10)
     assert cfg.logger.name in ("tensorboard", "none")
 
 

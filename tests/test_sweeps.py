@@ -205,13 +205,14 @@ def test_optuna_search_keeps_its_study_in_the_sweep_dir_and_resumes(tmp_path):
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
     assert study.trials[0].value == json.loads((sweep / "0" / "metrics.json").read_text())["val/acc"]
 
-    # a search killed while trial 1 ran (and that trial asks for an impossible model)
-    space = {"interconnect.num_keypoints": optuna.distributions.CategoricalDistribution([1000])}
+    # a search killed while trial 1 ran (and that trial asks for an impossible model: k = 1000
+    # neighbours among 16 keypoints; an integer parameter keeps its kind, so Optuna accepts the range)
+    space = {"interconnect.k": optuna.distributions.IntDistribution(1000, 1000)}
     assert study.ask(space).number == 1
     proc = run_cli("train.py", *common, "hydra.sweeper.n_trials=3")
     assert proc.returncode == 1, proc.stderr[-3000:]  # one trial failed: the search went on, then said so
     study = optuna.load_study(study_name="mnist_optuna", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
-    assert "interconnect.num_keypoints=1000" in job_record(sweep / "1")["overrides"]
+    assert "interconnect.k=1000" in job_record(sweep / "1")["overrides"]
     assert job_record(sweep / "2")["status"] == "ok" and (sweep / "optimization_results.yaml").is_file()
     assert {"optimizer.lr", "gnn", "interconnect.k"} <= set(study.trials[2].params)

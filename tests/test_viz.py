@@ -184,7 +184,11 @@ def test_adjacency_picture_shows_the_first_images_edges():
 def test_no_graph_no_pictures():
     from interconnects.viz import graph_pictures
 
-    assert graph_pictures(_model("interconnect=none"), torch.randn(2, 1, *IMAGE), MEAN, STD) == {}
+    from interconnects.models.hybrid import build_model
+
+    cnn = build_model(compose(["backbone.width=4", "decoder.channels=8", "interconnect=none", "gnn=none"]), 1, IMAGE,
+                      num_classes=10)
+    assert graph_pictures(cnn, torch.randn(2, 1, *IMAGE), MEAN, STD) == {}
 
 
 def test_image_rows_puts_each_row_under_the_previous():

@@ -61,6 +61,9 @@ def guarded(fn, cfg: DictConfig):
                 logging.getLogger("interconnects").setLevel(logging.WARNING)
         job.start(cfg)
         result = fn(cfg)
+    except RunFinished as exc:  # the run's own record stays as it is
+        print(exc)
+        return None
     except TrainingStopped as exc:
         code, message = exc.exit_code, str(exc)
         if job.preempted is not None:  # last.ckpt is written: now let submitit requeue the job
@@ -280,6 +283,10 @@ class SweepJob:
             (self.run_dir / "error.txt").unlink(missing_ok=True)
 
 
+class RunFinished(Exception):
+    """Resuming a run that already finished: nothing to do, nothing written (exit status 0)."""
+
+
 _started = False  # set once Hydra has composed the config and handed it to train / evaluate
 
 
@@ -441,13 +448,11 @@ def _warn_costs(task) -> None:
     """Say before training when a layer that builds a tensor per edge meets a large complete graph."""
     from ..models.hybrid import HybridModel
 
-    model = getattr(task, "model", None)
-    gnn = getattr(model, "gnn", None) if isinstance(model, HybridModel) else None
-    interconnect = getattr(model, "interconnect", None)
-    nodes = getattr(interconnect, "num_nodes", None)
-    if gnn is None or interconnect is None or getattr(gnn, "layer", None) not in ("gat", "gatedgcn", "maxrel"):
-        return
-    if type(interconnect).__name__ == "DenseGrid" and nodes and nodes > 256:
+    for model in task.networks().values():
+        gnn = getattr(model, "gnn", None) if isinstance(model, HybridModel) else None
+        nodes = getattr(model, "graph_nodes", None)
+        if gnn is None or not model.graph_dense or not nodes or nodes <= 256 or not gnn.flags.get("per_edge"):
+            continue
         log.warning("gnn.layer=%s on a complete graph of %d nodes builds a [B, %d, %d, C] tensor per layer: "
                     "expect slow steps; cheaper: gnn=gcn (one matrix product), or interconnect=knn (k edges a node)",
                     gnn.layer, nodes, nodes, nodes)
@@ -530,8 +535,6 @@ def train(cfg: DictConfig) -> float | None:
     held = _HeldLogFile(run_dir) if resuming else None
     try:
         prepared = _prepare_training(cfg, run_dir)
-        if prepared is None:
-            return None
         task, data, trainer, optimizers, schedulers, state = prepared
 
         def accepted() -> None:  # the resume passed every check: now it may write to the run
@@ -560,8 +563,8 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _prepare_training(cfg: DictConfig, run_dir: Path):
-    """Everything ``train`` checks and builds before any work; ``None`` when there is nothing to do
-    (the checkpoint's run already finished)."""
+    """Everything ``train`` checks and builds before any work; :class:`RunFinished` when there is
+    nothing to do (the checkpoint's run already finished)."""
     from ..data import build_data, check_data_config, data_info
     from .checkpoint import load_checkpoint
     from .device import seed_everything
@@ -589,9 +592,9 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
     if state is not None:
         _check_resume(task, state, config, cfg.ckpt_path)
         if state["epoch"] >= cfg.trainer.max_epochs and state.get("batch_in_epoch", 0) == 0:
-            print(f"{cfg.ckpt_path}: this run already finished (epoch {state['epoch']} of {cfg.trainer.max_epochs}); "
-                  f"nothing was changed. Re-test it with: python evaluate.py ckpt_path={cfg.ckpt_path}")
-            return None
+            raise RunFinished(f"{cfg.ckpt_path}: this run already finished (epoch {state['epoch']} of "
+                              f"{cfg.trainer.max_epochs}); nothing was changed. Re-test it with: "
+                              f"python evaluate.py ckpt_path={cfg.ckpt_path}")
     elif cfg.get("init_from"):
         _init_from(task, cfg.init_from)
     _warn_costs(task)

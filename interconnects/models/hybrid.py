@@ -46,6 +46,8 @@ class HybridModel(nn.Module):
         super().__init__()
         self.backbone, self.interconnect, self.gnn, self.decoder = backbone, interconnect, gnn, decoder
         self.head = head if head is not None else nn.Identity()
+        self.graph_nodes: int | None = None  # nodes per image and whether the graph is complete (dense),
+        self.graph_dense = False  # as seen by the builder's dummy forward pass
 
     def graph(self, image: Tensor, **interconnect_inputs):
         """``image -> (fmap [B, C', h, w], GraphBatch after the GNN or None)``."""
@@ -140,7 +142,11 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
     with torch.no_grad():
         try:
             if interconnect is not None:
-                check_interconnect(interconnect, model.to_graph(fmap, dummy))
+                graph = model.to_graph(fmap, dummy)
+                check_interconnect(interconnect, graph)
+                # what the cost warnings read: the graph's size, and whether it is complete (dense)
+                model.graph_nodes = graph.num_nodes
+                model.graph_dense = graph.neighbors is None and (graph.adj is not None or graph.aggregator is not None)
             features = model.features(dummy)
         except ConfigError:
             raise

@@ -180,6 +180,7 @@ class GraphLayer(nn.Module):
     supports_neighbors = False  #: takes ``neighbors`` / ``neighbor_weight`` (fixed in-degree)
     has_weights = True  #: has parameters; the head adds norm, activation, dropout and residual
     min_layers = 1  #: the fewest layers a head of this kind may stack
+    per_edge = False  #: its dense path builds a tensor per edge and channel (O(B·N²·C) on a complete graph)
 
     in_channels: int
     out_channels: int
@@ -384,6 +385,8 @@ class GATv2Layer(GraphLayer):
     per-edge tensors: an FFT grid is given to it as its dense matrix.
     """
 
+    per_edge = True
+
     def __init__(self, in_channels: int, out_channels: int, heads: int = 4, max_bytes: int = DENSE_BLOCK_BYTES) -> None:
         super().__init__()
         from torch_geometric.nn import GATv2Conv
@@ -471,6 +474,8 @@ class GatedGCNLayer(GraphLayer):
     tensors: an FFT grid is given to it as its dense matrix.
     """
 
+    per_edge = True
+
     def __init__(self, in_channels: int, out_channels: int, max_bytes: int = DENSE_BLOCK_BYTES) -> None:
         super().__init__()
         from torch_geometric.nn import ResGatedGraphConv
@@ -526,6 +531,7 @@ class MaxRelLayer(GraphLayer):
     """
 
     supports_edge_weight = False
+    per_edge = True
 
     def __init__(self, in_channels: int, out_channels: int, max_bytes: int = DENSE_BLOCK_BYTES) -> None:
         super().__init__()
@@ -625,7 +631,7 @@ LAYERS: dict[str, type[nn.Module]] = {
 GNN_LAYERS = tuple(LAYERS)
 
 _FLAGS = ("supports_dense", "supports_sparse", "supports_edge_weight", "supports_operator",
-          "supports_neighbors", "has_weights", "min_layers")
+          "supports_neighbors", "has_weights", "min_layers", "per_edge")
 _CONTRACT_ARGS = ("x", "adj", "edge_index", "edge_weight")
 
 
