@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_choice, check_fmap, check_positive  # noqa: F401 - the interconnects' checks
-
 
 def grid_positions(h: int, w: int, device=None, dtype=torch.float32) -> Tensor:
     """``[h·w, 2]`` (row, col) of every cell in row-major order."""

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-
-import sys
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
@@ -31,6 +30,7 @@ class ConfigError(ValueError):
 EXIT_BAD_SETTING = 2  # a bad setting, checkpoint or dataset
 EXIT_NONFINITE = 3  # a non-finite loss, gradient or weight
 EXIT_WRITE_FAILED = 4  # a checkpoint or metrics file that could not be written
+EXIT_SWEEP_JOB_FAILED = 1  # a multirun ran, and some of its jobs failed (each job's error is in its directory)
 
 
 @dataclass
@@ -169,7 +169,7 @@ class OutputDirCheck(Callback):
             probe.unlink()
         except OSError as exc:
             print(f"error: output directory {path} is not writable ({exc.strerror}); set {key}=DIR", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_BAD_SETTING)
 
     def on_run_start(self, config, **kwargs) -> None:
         self._make("hydra.run.dir", config.hydra.run.dir)
@@ -210,7 +210,7 @@ class SweepReport(Callback):
             from interconnects.engine.run import _mark_started
 
             _mark_started()
-            sys.exit(1)
+            sys.exit(EXIT_SWEEP_JOB_FAILED)
 
 
 def register() -> None:

@@ -5,18 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._edges import (
-    check_choice,
-    check_fmap,
-    check_positive,
-    distance_weights,
-    grid_positions,
-    inverse_sqrt_degree,
-    normalize_sparse,
-    normalize_symmetric,
-    pairwise_distance,
-    set_self_loops,
-)
+from ._edges import (distance_weights, grid_positions, inverse_sqrt_degree, normalize_sparse, normalize_symmetric,
+                     pairwise_distance, set_self_loops)
+from .checks import check_choice, check_fmap, check_positive
 from .fft import GridConvolution, offset_grid
 from .graph import GraphBatch
 

@@ -7,13 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._edges import (
-    distance_weights,
-    knn_mask,
-    normalize_symmetric,
-    pairwise_distance,
-    set_self_loops,
-)
+from ._edges import distance_weights, knn_mask, normalize_symmetric, pairwise_distance, set_self_loops
 from .checks import check_choice, check_fmap, check_positive
 from .detectors import DETECTORS, cell_scores
 from .graph import GraphBatch

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._edges import check_choice, check_fmap, check_positive, grid_positions
+from ._edges import grid_positions
+from .checks import check_choice, check_fmap, check_positive
 from .graph import GraphBatch
 
 KNN_METRICS = ("euclidean", "cosine")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._edges import check_choice
+from .checks import check_choice
 from .graph import GraphBatch
 
 REDUCE = ("mean", "sum", "max")

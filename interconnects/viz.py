@@ -268,3 +268,12 @@ def confusion_figure(confusion: Tensor, class_names: Sequence[str] | None = None
     accuracy = float(counts.diagonal().sum()) / max(1, total)
     ax.set_title(f"confusion on {total:,} images (accuracy {accuracy:.2%})")
     return fig
+
+
+def report_written(paths: Sequence, folder, notes: Sequence[str] = ()) -> int:
+    """What the plotting scripts print when they are done: their notes, each file written, then
+    ``N plots written to FOLDER``; returns the exit status 0."""
+    for line in [*notes, *map(str, paths)]:
+        print(line)
+    print(f"{len(paths)} plots written to {folder}")
+    return 0

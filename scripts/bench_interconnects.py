@@ -20,8 +20,6 @@ Before timing, the reference's node features, edges and output map are checked a
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from interconnects import DenseGrid, GraphToCNN, Keypoints, KNNGraph  # noqa: E402
+from interconnects.engine.device import describe_machine  # noqa: E402
 from interconnects.knn import knn_indices  # noqa: E402
 from interconnects.models.gnn import GNNHead  # noqa: E402
 
@@ -65,22 +64,6 @@ def time_group(fns, device: torch.device, repeats: int, warmup: int) -> list[flo
             sync(device)
             record.append((time.perf_counter() - start) * 1e3)
     return [statistics.median(record) for record in times]
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    text = f"CPU: {cpu} ({os.cpu_count()} logical cores); torch {torch.__version__}; {torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        text += f"; GPU: {torch.cuda.get_device_name(device)}"
-    return text + f"; device: {device}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +108,14 @@ def ref_keypoints(fmap: torch.Tensor, score_conv: torch.nn.Module, k: int):
     return torch.stack(xs), torch.stack(adjs), torch.stack(outs)
 
 
+def ref_image_neighbors(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One image's ``[N, k]`` nearest other nodes of ``x [N, C]``: its own ``cdist`` and ``topk``."""
+    with torch.no_grad():
+        dist = torch.cdist(x, x)
+        dist.fill_diagonal_(float("inf"))
+        return dist.topk(k, dim=1, largest=False).indices
+
+
 def ref_knn(fmap: torch.Tensor, k: int):
     """Per image: the distance matrix and its top-k, node features, and the map written back."""
     b, c, h, w = fmap.shape
@@ -132,10 +123,7 @@ def ref_knn(fmap: torch.Tensor, k: int):
     xs, nbrs, outs = [], [], []
     for i in range(b):
         x = fmap[i].reshape(c, n).t()
-        with torch.no_grad():
-            dist = torch.cdist(x, x)
-            dist.fill_diagonal_(float("inf"))
-            nbr = dist.topk(k, dim=1, largest=False).indices
+        nbr = ref_image_neighbors(x, k)
         xs.append(x)
         nbrs.append(nbr)
         outs.append(x.t().reshape(c, h, w))
@@ -153,10 +141,7 @@ def ref_knn_gcn(fmap: torch.Tensor, k: int, conv: torch.nn.Module, head: GNNHead
     outs, xs = [], []
     for i in range(b):
         x = fmap[i].reshape(c, n).t()
-        with torch.no_grad():
-            dist = torch.cdist(x, x)
-            dist.fill_diagonal_(float("inf"))
-            nbr = dist.topk(k, dim=1, largest=False).indices
+        nbr = ref_image_neighbors(x, k)
         dst = torch.arange(n, device=x.device).repeat_interleave(k)
         data = Data(x=x, edge_index=torch.stack([nbr.flatten(), dst]))
         outs.append(conv(data.x, data.edge_index))
@@ -431,7 +416,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    print(machine(device))
+    print(describe_machine(device))
     print(
         f"batch {batch}, C = {args.channels}, forward + backward, median of {repeats} after {warmup} warm-up "
         "(ours, reference and floor taking turns); "

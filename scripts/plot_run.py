@@ -30,6 +30,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
+from interconnects.viz import report_written
+
 SPLITS = ("train", "val", "test")
 # written for the HParams tab (a copy of the final metrics) or a counter, not a curve
 SKIPPED = re.compile(r"^(hparam/|epoch$)")
@@ -174,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for path in written:
-        print(path)
-    print(f"{len(written)} plots written to {args.out or args.run_dir / 'plots'}")
-    return 0
+    return report_written(written, args.out or args.run_dir / "plots")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from matplotlib.figure import Figure
 
+from interconnects.viz import report_written
+
 DEFAULT_METRIC = "val/acc"
 
 
@@ -157,12 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, OSError, yaml.YAMLError, HydraException) as exc:
         print(f"error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
         return 2
-    for note in notes:
-        print(note)
-    for path in written:
-        print(path)
-    print(f"{len(written)} plots written to {args.out or args.sweep_dir / 'plots'}")
-    return 0
+    return report_written(written, args.out or args.sweep_dir / "plots", notes)
 
 
 if __name__ == "__main__":

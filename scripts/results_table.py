@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,17 +27,9 @@ SAMPLE_EXPERIMENTS = [
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}"
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    from interconnects.engine.device import describe_machine
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else describe_machine()
 
 
 def parameters(ckpt: Path) -> int:

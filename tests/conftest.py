@@ -51,6 +51,18 @@ def run_cli(script: str, *overrides: str, timeout: float = 300, env: dict | None
     )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tensors of unit tests are tiny: one intra-op thread is fastest and does not stall on a busy
+    machine. A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -22,12 +22,7 @@ SELF_LOOPS = [None, 0.0, 0.5, 2.0]
 SIZES = [(4, 4), (5, 5), (4, 6), (7, 3), (1, 5)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pair(scheme: str, **kwargs) -> tuple[DenseGrid, DenseGrid]:

@@ -64,13 +64,7 @@ def with_x(graph: GraphBatch, x: torch.Tensor) -> GraphBatch:
 GRAPHS = {"shared": shared_graph, "per_image": per_image_graph, "sparse": sparse_graph}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one intra-op thread is fastest and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_head(layer: str, **kwargs) -> GNNHead:

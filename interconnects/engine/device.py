@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
 
 import numpy as np
@@ -54,3 +55,18 @@ def move(batch, device: torch.device):
     """``batch`` (a tuple or list of tensors and other values) on ``device``; tensors in pinned
     memory are copied without blocking."""
     return [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch]
+
+
+def describe_machine(device: torch.device | None = None) -> str:
+    """One line naming the CPU, its cores, torch and its threads (and the GPU of ``device``), for
+    benchmark tables and results."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    text = f"CPU: {cpu} ({os.cpu_count()} logical cores); torch {torch.__version__}; {torch.get_num_threads()} threads"
+    if device is not None and device.type == "cuda":
+        text += f"; GPU: {torch.cuda.get_device_name(device)}"
+    return text + (f"; device: {device}" if device is not None else "")

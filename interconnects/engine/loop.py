@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import flatten
+from ..config import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_WRITE_FAILED, flatten
 from .checkpoint import (FORMAT, VERSION, CheckpointError, check_structure, load_checkpoint,
                          remove_stale_temp_files, rng_state, save_atomic, set_rng_state, write_json_atomic)
 from . import distributed
@@ -148,7 +148,7 @@ class Trainer:
         if self.cfg.on_nonfinite == "stop":
             raise TrainingStopped(
                 f"{what} at {self._where()}; stopped (trainer.on_nonfinite=stop), {self._kept()}. "
-                "Lower optimizer.lr or set trainer.grad_clip; trainer.on_nonfinite=skip drops such steps", 3)
+                "Lower optimizer.lr or set trainer.grad_clip; trainer.on_nonfinite=skip drops such steps", EXIT_NONFINITE)
         log.warning("%s at %s; step skipped (trainer.on_nonfinite=skip)", what, self._where())
         self._step_skipped = True
 
@@ -223,11 +223,11 @@ class Trainer:
         if not all(bool(torch.isfinite(p).all()) for p in self.task.parameters()):
             raise TrainingStopped(
                 f"the weights are no longer finite after step {self.step} (epoch {self.epoch + 1}); "
-                f"{name} not written, {self._kept()}. Lower optimizer.lr or set trainer.grad_clip", 3)
+                f"{name} not written, {self._kept()}. Lower optimizer.lr or set trainer.grad_clip", EXIT_NONFINITE)
         if not self.ckpt_dir.is_dir():
             raise TrainingStopped(
                 f"cannot write {path}: the folder {self.ckpt_dir} was removed or renamed during the run "
-                f"(step {self.step}); restore it, then resume with: {self.resume_hint or 'ckpt_path=.../last.ckpt'}", 4)
+                f"(step {self.step}); restore it, then resume with: {self.resume_hint or 'ckpt_path=.../last.ckpt'}", EXIT_WRITE_FAILED)
         try:
             save_atomic(self._state(), path, mkdir=False)
             if name == "last.ckpt":
@@ -238,7 +238,7 @@ class Trainer:
                 reason = f"the folder {self.ckpt_dir} was removed or renamed during the run"
             raise TrainingStopped(
                 f"cannot write {path} at step {self.step}: {reason}; the previous {name} was left as it was. "
-                f"Fix that, then resume with: {self.resume_hint or 'ckpt_path=.../last.ckpt'}", 4) from None
+                f"Fix that, then resume with: {self.resume_hint or 'ckpt_path=.../last.ckpt'}", EXIT_WRITE_FAILED) from None
 
     def _restore(self, path, state: dict | None = None) -> None:
         state = load_checkpoint(path) if state is None else state
@@ -511,7 +511,7 @@ class Trainer:
         best_path = self.ckpt_dir / "best.ckpt"
         distributed.barrier()  # every rank reads the best.ckpt that rank 0 wrote
         if not best_path.is_file():
-            raise TrainingStopped(f"cannot test: {best_path} is missing (removed, or no epoch has finished)", 2)
+            raise TrainingStopped(f"cannot test: {best_path} is missing (removed, or no epoch has finished)", EXIT_BAD_SETTING)
         self.task.load_state_dict(load_checkpoint(best_path)["model"])
         test, sums = self.evaluate(self.task, data.test, "test", self.cfg.limit_test_batches)
         metrics = {k: v for k, v in self.best.items() if "/" in k and k != "metric"}
@@ -526,5 +526,5 @@ class Trainer:
             write_json_atomic(metrics, self.run_dir / "metrics.json")
         except OSError as exc:
             raise TrainingStopped(f"cannot write {self.run_dir / 'metrics.json'}: {exc.strerror or exc}; "
-                                  f"the checkpoints in {self.ckpt_dir} are complete", 4) from None
+                                  f"the checkpoints in {self.ckpt_dir} are complete", EXIT_WRITE_FAILED) from None
         return metrics

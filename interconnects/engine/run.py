@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import EXIT_BAD_SETTING
+
 log = logging.getLogger("interconnects")
 # torch_geometric scripts a few helpers at import; the deprecation notice says nothing to our users
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
@@ -77,7 +79,7 @@ def guarded(fn, cfg: DictConfig):
               file=sys.stderr)
         sys.exit(130)
     except (ValueError, CheckpointError, DataMissingError, OSError, OmegaConfBaseException, HydraException) as exc:
-        code, message = 2, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        code, message = EXIT_BAD_SETTING, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename:
             message = f"{exc.filename}: {exc.strerror}"
         if full:
@@ -298,7 +300,7 @@ def entry(main) -> None:
         main()
     except SystemExit as exc:
         if exc.code == 1 and not _started:
-            raise SystemExit(2) from None
+            raise SystemExit(EXIT_BAD_SETTING) from None
         raise
 
 

@@ -12,28 +12,9 @@ import logging
 
 from torch import Tensor, nn
 
-from .._edges import check_choice
+from ..checks import check_choice, check_fraction, check_int
 from ..graph import GraphBatch
-from .layers import (  # noqa: F401  (re-exported: the public names of this module)
-    DENSE_BLOCK_BYTES,
-    GNN_LAYERS,
-    LAYERS,
-    GATv2Layer,
-    GatedGCNLayer,
-    GCNLayer,
-    GINLayer,
-    GraphConvLayer,
-    GraphLayer,
-    IdentityLayer,
-    MaxRelLayer,
-    Propagate,
-    SAGELayer,
-    dense_sum,
-    layer_flags,
-    neighbor_sum,
-    resolve_layer,
-    sparse_sum,
-)
+from .layers import GNN_LAYERS, layer_flags, resolve_layer
 
 GNN_NORMS = ("batch", "layer", None)
 ACTIVATIONS = {
@@ -49,28 +30,8 @@ ACTIVATIONS = {
 log = logging.getLogger(__name__)
 _told: set = set()  # the dense-fallback note is logged once per process
 
-__all__ = [
-    "GNN_LAYERS",
-    "GNN_NORMS",
-    "ACTIVATIONS",
-    "GNNHead",
-    "resolve_layer",
-    "GraphLayer",
-    "GCNLayer",
-    "GraphConvLayer",
-    "SAGELayer",
-    "GATv2Layer",
-    "GINLayer",
-    "GatedGCNLayer",
-    "MaxRelLayer",
-    "Propagate",
-    "IdentityLayer",
-]
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is out of range; it must be an integer ≥ {minimum}")
+# (the layers themselves are in interconnects.models.layers; GNN_LAYERS is re-exported for configs' docs)
+__all__ = ["GNN_LAYERS", "GNN_NORMS", "ACTIVATIONS", "GNNHead", "layer_inputs"]
 
 
 class _NodeNorm(nn.Module):
@@ -149,14 +110,13 @@ class GNNHead(nn.Module):
         super().__init__()
         cls = resolve_layer(layer)
         flags = layer_flags(cls)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("hidden_channels", hidden_channels, 1)
-        _check_int("num_layers", num_layers, flags["min_layers"])
-        _check_int("heads", heads, 1)
+        check_int("in_channels", in_channels)
+        check_int("hidden_channels", hidden_channels)
+        check_int("num_layers", num_layers, flags["min_layers"])
+        check_int("heads", heads)
         check_choice("norm", norm, GNN_NORMS)
         check_choice("act", act, tuple(ACTIVATIONS))
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout={dropout!r} is out of range; it must be a number in [0, 1)")
+        check_fraction("dropout", dropout)
         self.layer, self.in_channels, self.hidden_channels = layer, in_channels, hidden_channels
         self.residual, self.norm_kind, self.act_name, self.dropout_p = residual, norm, act, float(dropout)
         self.flags = flags
