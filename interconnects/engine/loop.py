@@ -493,7 +493,9 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.acc = self.epoch + 1, 0, {}
         task.train()
         self.logger.scalars({**train, **val, "epoch": self.epoch}, self.step)
-        log.info("epoch %d/%d: %s", self.epoch, cfg.max_epochs, "  ".join(f"{k}={v:.4f}" for k, v in {**train, **val}.items()))
+        # (per-class values such as val/acc/<class> go to TensorBoard and metrics.json, not this line)
+        log.info("epoch %d/%d: %s", self.epoch, cfg.max_epochs,
+                 "  ".join(f"{k}={v:.4f}" for k, v in {**train, **val}.items() if k.count("/") == 1))
         if cfg.picture_every_n_epochs and self.epoch % cfg.picture_every_n_epochs == 0:
             self.pictures(self.step)
         value = val.get(task.monitor)
