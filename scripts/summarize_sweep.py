@@ -3,6 +3,7 @@
     python scripts/summarize_sweep.py SWEEP_DIR           # markdown
     python scripts/summarize_sweep.py SWEEP_DIR --csv     # CSV
     python scripts/summarize_sweep.py SWEEP_DIR --metric test/acc --mode max
+    python scripts/summarize_sweep.py SWEEP_DIR --per-class   # also test/acc/<class>, val/acc/<class>
 
 Each row: the job's directory, the overrides that vary across the sweep (those shared by every job
 are printed above the table), its status, final metrics (``metrics.json``), wall time (``job.json``),
@@ -84,8 +85,10 @@ def key_of(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def summarize(sweep_dir: Path, metric: str | None = None, mode: str | None = None) -> tuple[list[str], list[dict], list[str]]:
-    """``(columns, rows best first, overrides shared by every job)``."""
+def summarize(sweep_dir: Path, metric: str | None = None, mode: str | None = None,
+              per_class: bool = False) -> tuple[list[str], list[dict], list[str]]:
+    """``(columns, rows best first, overrides shared by every job)``; the per-class metrics
+    (``test/acc/<class>``) are columns only with ``per_class``."""
     jobs = load_jobs(sweep_dir)
     default_metric, direction = sweep_settings(sweep_dir, jobs)
     metric = metric or default_metric
@@ -121,7 +124,8 @@ def summarize(sweep_dir: Path, metric: str | None = None, mode: str | None = Non
 
     jobs.sort(key=order)
     metric_keys = sorted({k for j in jobs for k in j["metrics"] if "/" in k and k != metric
-                          and k.startswith(("test/", "val/"))}, key=lambda k: (not k.startswith("test/"), k))
+                          and k.startswith(("test/", "val/")) and (per_class or k.count("/") == 1)},
+                         key=lambda k: (not k.startswith("test/"), k))
     columns = ["job", "overrides", "status", metric, *metric_keys, "epochs", "wall time (s)"]
     if seeded:
         columns.insert(4, f"{metric} over seeds")
@@ -164,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
     parser.add_argument("--metric", help="the metric to sort by (default: the sweep's optimized_metric)")
     parser.add_argument("--mode", choices=("max", "min"), help="best is the highest (max) or lowest (min) value")
+    parser.add_argument("--per-class", action="store_true", help="also a column per class metric (test/acc/<class>)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"error: sweep directory {args.sweep_dir} does not exist", file=sys.stderr)
         return 2
-    columns, rows, shared = summarize(args.sweep_dir, args.metric, args.mode)
+    columns, rows, shared = summarize(args.sweep_dir, args.metric, args.mode, args.per_class)
     if not rows:
         print(f"error: no job directories (with .hydra/ or job.json) under {args.sweep_dir}", file=sys.stderr)
         return 2
