@@ -125,6 +125,11 @@ class GraphBatch:
         if self.adj is not None:
             return self.adj
         b, n = self.batch_size, self.num_nodes
+        if self.neighbors is not None:  # one scatter of the fixed-degree view (repeats add up)
+            weight = self.neighbor_weight
+            if weight is None:
+                weight = torch.ones(self.neighbors.shape, dtype=self.x.dtype, device=self.x.device)
+            return torch.zeros(b, n, n, dtype=weight.dtype, device=weight.device).scatter_add(2, self.neighbors, weight)
         (src, dst), weight = self.sparse_edges()
         adj = torch.zeros(b * n * n, dtype=weight.dtype, device=weight.device)
         # flat id of (graph, target row, source col); index_put with accumulate sums duplicate edges

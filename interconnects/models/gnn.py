@@ -30,8 +30,14 @@ ACTIVATIONS = {
 log = logging.getLogger(__name__)
 _told: set = set()  # the dense-fallback note is logged once per process
 
+#: A fixed-degree graph (kNN) of at most this many nodes per image is aggregated through its dense
+#: ``[B, N, N]`` adjacency (one batched matrix product) rather than by a gather, where the layer has a
+#: dense path. Measured on the CPU (batch 64, C = 64, k = 8, forward + backward, gcn / graphconv):
+#: dense 1.3–2.9× faster at N = 49, 196 and 256, gather 1.0–2.4× faster from N = 400 on.
+NEIGHBORS_DENSE_MAX_NODES = 256
+
 # (the layers themselves are in interconnects.models.layers; GNN_LAYERS is re-exported for configs' docs)
-__all__ = ["GNN_LAYERS", "GNN_NORMS", "ACTIVATIONS", "GNNHead", "layer_inputs"]
+__all__ = ["GNN_LAYERS", "GNN_NORMS", "ACTIVATIONS", "NEIGHBORS_DENSE_MAX_NODES", "GNNHead", "layer_inputs"]
 
 
 class _NodeNorm(nn.Module):
@@ -50,7 +56,8 @@ class _NodeNorm(nn.Module):
 def layer_inputs(flags: dict, graph: GraphBatch) -> tuple:
     """``(adj, edge_index, edge_weight, neighbor_view)`` to call a layer with the ``flags`` of
     :func:`~interconnects.models.layers.layer_flags` on ``graph``: the first of an adjacency operator
-    (FFT grid), the fixed-degree view, the dense ``adj`` and the flat edges that the layer supports
+    (FFT grid), the fixed-degree view (as its dense adjacency for small graphs, see
+    :data:`NEIGHBORS_DENSE_MAX_NODES`), the dense ``adj`` and the flat edges that the layer supports
     and the graph has; the others are built from what the graph has when needed."""
     weights = flags["supports_edge_weight"]
     if graph.aggregator is not None:
@@ -60,6 +67,8 @@ def layer_inputs(flags: dict, graph: GraphBatch) -> tuple:
             _told.add(True)
             log.info("a GNN layer that needs per-edge tensors builds the dense N×N adjacency of an FFT grid")
     if graph.neighbors is not None and flags["supports_neighbors"]:
+        if flags["supports_dense"] and graph.num_nodes <= NEIGHBORS_DENSE_MAX_NODES:
+            return graph.dense_adj(), None, None, {}
         return None, None, None, {"neighbors": graph.neighbors, "neighbor_weight": graph.neighbor_weight if weights else None}
     has_dense = graph.adj is not None or graph.aggregator is not None
     if flags["supports_dense"] and (has_dense or not flags["supports_sparse"]):

@@ -278,8 +278,17 @@ class GCNLayer(GraphLayer):
         return inverse_sqrt_degree(weight.abs().sum(-1) + loop.abs(), eps=0.0), weight, loop
 
     def dense(self, x: Tensor, adj) -> Tensor:
-        out = dense_sum(self.normalize_dense(adj), self.conv.lin(x))
-        return out + self.conv.bias
+        h = self.conv.lin(x)
+        if is_operator(adj):
+            return dense_sum(self.normalize_dense(adj), h) + self.conv.bias
+        # the normalisation on the node side: D^-1/2 Â D^-1/2 h = s ⊙ (A (s ⊙ h) + loop ⊙ s ⊙ h), with
+        # s = D^-1/2 and loop the added self-loops: one pass over the N×N matrix (its |row| sums)
+        # besides the product, instead of building the normalised matrix
+        loop = (adj.diagonal(dim1=-2, dim2=-1) == 0).to(h.dtype)  # [B|1, N]
+        adj = adj.to(h.dtype)
+        scale = inverse_sqrt_degree(adj.abs().sum(-1) + loop, eps=0.0).unsqueeze(-1)
+        scaled = h * scale
+        return scale * (dense_sum(adj, scaled) + loop.unsqueeze(-1) * scaled) + self.conv.bias
 
     def sparse(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         weight = _weight_or_ones(edge_index, edge_weight, x)
