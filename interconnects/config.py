@@ -41,7 +41,8 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: Optional[int] = None
     num_workers: int = 0
-    pin_memory: bool = False
+    pin_memory: Optional[bool] = None  # null: pinned batches (copied without blocking) when training on CUDA
+    on_device: bool = False  # keep the in-memory dataset on the training GPU and augment it there
     val_fraction: float = 0.1
     split_seed: int = 0
     augment: str = "none"  # none | crop | crop_flip | affine

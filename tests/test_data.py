@@ -315,3 +315,36 @@ def test_image_folder_trains_through_the_cli_and_keeps_class_names(tmp_path):
     state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     assert data_info(OmegaConf.create(state["config"]["data"])).class_names == ("dark", "light", "mid")
 
+
+
+# ---- where batches are made -----------------------------------------------------------------------
+
+def _first_batches(bundle, epochs=(0, 1)):
+    out = []
+    for epoch in epochs:
+        bundle.set_epoch(epoch)
+        out.append(next(iter(bundle.train)))
+    return out
+
+
+def test_on_device_and_pinning_are_cpu_no_ops():
+    plain = build_data(data_cfg("data=digits", "data.augment=crop"), seed=0)
+    kept = build_data(data_cfg("data=digits", "data.augment=crop", "data.on_device=true"), seed=0,
+                      device=torch.device("cpu"))
+    assert not kept.train.pin_memory and kept.train_view.images.device.type == "cpu"
+    for (a, la), (b, lb) in zip(_first_batches(plain), _first_batches(kept)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("augment", ["crop", "crop_flip", "affine"])
+def test_on_device_batches_equal_the_cpu_ones(augment):
+    cuda = torch.device("cuda")
+    cpu = build_data(data_cfg("data=digits", f"data.augment={augment}"), seed=0)
+    pinned = build_data(data_cfg("data=digits", f"data.augment={augment}"), seed=0, device=cuda)
+    gpu = build_data(data_cfg("data=digits", f"data.augment={augment}", "data.on_device=true"), seed=0, device=cuda)
+    assert pinned.train.pin_memory and not gpu.train.pin_memory
+    for (a, la), (b, lb) in zip(_first_batches(cpu), _first_batches(gpu)):
+        assert b.device.type == "cuda" and lb.device.type == "cuda"
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)  # the same draws, augmented there
+        assert torch.equal(lb.cpu(), la)

@@ -343,7 +343,7 @@ def _folder_views(cfg, info: DataInfo, seed: int):
     return [FolderImages(samples, reader, info.mean, info.std) for samples in splits]
 
 
-def build_data(cfg, seed: int) -> DataBundle:
+def build_data(cfg, seed: int, device: torch.device | None = None) -> DataBundle:
     """Loaders for ``cfg`` (the ``data`` config). The validation split is carved from the training
     set with its own seed ``data.split_seed`` (``image_folder``: its ``val/`` folder when present);
     training order and augmentation follow ``seed``. Test images never enter training.
@@ -352,6 +352,10 @@ def build_data(cfg, seed: int) -> DataBundle:
     (:class:`ImageTensors`), normalised with the dataset's mean and std (computed from the training
     split for ``digits``, ``image_folder`` and forced ``data.channels``). An image folder larger than
     ``data.max_memory_gb`` is read from disk a batch at a time instead (:class:`FolderImages`).
+
+    ``device``: where the run trains. On CUDA, batches come in pinned memory (``data.pin_memory``
+    null or true), or with ``data.on_device=true`` the in-memory splits live on the GPU and batches
+    are cut, augmented and normalised there, with the same random draws as on the CPU.
     """
     check_data_config(cfg)
     info = data_info(cfg)
@@ -368,10 +372,23 @@ def build_data(cfg, seed: int) -> DataBundle:
         stats = (info.mean, info.std)
         train_view = ImageTensors(*splits[0], *stats, cfg.augment, cfg.crop_padding, seed)
         val, test = (ImageTensors(*pair, *stats) for pair in splits[1:])
+    cuda = device is not None and torch.device(device).type == "cuda"
+    on_device = cuda and bool(cfg.get("on_device"))
+    if on_device:
+        views = (train_view, val, test)
+        if not all(isinstance(v, ImageTensors) for v in views):
+            log.warning("data.on_device=true: the image folder is read from disk (larger than "
+                        "data.max_memory_gb), so its batches stay on the CPU")
+            on_device = False
+        else:
+            for view in views:
+                view.to(device)
+    pin = cfg.get("pin_memory")
+    pin = cuda and not on_device if pin is None else bool(pin) and not on_device
     batches = EpochBatches(len(train_view), cfg.batch_size, seed)
     eval_bs = cfg.eval_batch_size or max(cfg.batch_size, 256)
     # own generators: creating a loader's iterator then draws nothing from the global torch RNG
-    common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, generator=torch.Generator(),
+    common = dict(num_workers=0 if on_device else cfg.num_workers, pin_memory=pin, generator=torch.Generator(),
                   collate_fn=keep_batch)
     return DataBundle(
         info=info,

@@ -86,16 +86,17 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.
     """Random crops of ``images [B, C, H, W]`` after zero padding by ``padding`` (and random
     horizontal flips), one draw per image, all in a few tensor ops."""
     b, c, h, w = images.shape
+    device = images.device  # (the draws come from the CPU generator: the same on every device)
     out = images
     if padding:
         padded = torch.nn.functional.pad(images, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator)
-        rows = (dy + torch.arange(h).view(1, h, 1)).expand(b, h, w)
-        cols = (dx + torch.arange(w).view(1, 1, w)).expand(b, h, w)
-        out = padded[torch.arange(b).view(b, 1, 1), :, rows, cols].permute(0, 3, 1, 2)
+        dy = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator).to(device)
+        dx = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator).to(device)
+        rows = (dy + torch.arange(h, device=device).view(1, h, 1)).expand(b, h, w)
+        cols = (dx + torch.arange(w, device=device).view(1, 1, w)).expand(b, h, w)
+        out = padded[torch.arange(b, device=device).view(b, 1, 1), :, rows, cols].permute(0, 3, 1, 2)
     if flip:
-        mask = torch.rand(b, generator=generator) < 0.5
+        mask = (torch.rand(b, generator=generator) < 0.5).to(device)
         out = torch.where(mask.view(b, 1, 1, 1), out.flip(-1), out)
     return out.contiguous()
 
@@ -111,6 +112,7 @@ def random_affine(images: Tensor, generator: torch.Generator, degrees: float = 1
     shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * translate * 2  # grid units span 2
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = theta.to(images.device)
     grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
     return torch.nn.functional.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
 
@@ -134,16 +136,23 @@ class ImageTensors(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "ImageTensors":
+        """Keep the images (and the normalisation) on ``device``: batches are then cut, augmented
+        and normalised there (``data.on_device``); the random draws stay those of the CPU."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     def load(self, index: Tensor) -> Tensor:
         """The uint8 images ``[B, C, H, W]`` at ``index [B]``."""
         return self.images[index]
 
     def __getitems__(self, indices: list[int]):
-        index = torch.as_tensor(indices, dtype=torch.long)
+        index = torch.as_tensor(indices, dtype=torch.long).to(self.labels.device)
         images = self.load(index)
         generator = None
         if self.augment != "none":
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index[0]))
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(indices[0]))
         if self.augment in ("crop", "crop_flip"):
             images = random_crop_flip(images, self.padding, self.augment == "crop_flip", generator)
         images = images.float().div_(255)

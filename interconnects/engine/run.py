@@ -600,8 +600,8 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
     elif cfg.get("init_from"):
         _init_from(task, cfg.init_from)
     _warn_costs(task)
-    data = build_data(cfg.data, cfg.seed)
     trainer = Trainer(cfg.trainer, run_dir, config, cfg.logger.name, _resume_hint(run_dir))
+    data = build_data(cfg.data, cfg.seed, trainer.device)
     log.info("parameters: " + ", ".join(f"{name} {count:,}" for name, count in task.parameter_table()))
     log.info("data: %s, %d train / %d val / %d test images, device %s", cfg.data.name,
              len(data.train_view), len(data.val.dataset), len(data.test.dataset), trainer.device)
@@ -682,7 +682,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         task.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise ValueError(f"{ckpt_path}: its weights do not fit the model built from its own config ({_first_line(exc)})") from None
-    data = build_data(run_cfg.data, run_cfg.seed)
+    data = build_data(run_cfg.data, run_cfg.seed, device)
     run_cfg.trainer.device = str(device)
     run_cfg.trainer.compile = False
     trainer = Trainer(run_cfg.trainer, run_dir, state["config"], "none")
