@@ -1,11 +1,14 @@
 """Run experiments through train.py and print a markdown results table from what they wrote.
 
-    python scripts/results_table.py                              # every experiment on the MNIST sample
+    python scripts/results_table.py                              # the classifiers on the MNIST sample
     python scripts/results_table.py --experiments quickstart --data digits --seeds 0,1,2
+    python scripts/results_table.py --experiments mnist_autoencoder_keypoints --metrics test/psnr,test/ssim,test/baseline_psnr
+    python scripts/results_table.py --experiments mnist_gan_knn --metrics test/fid,test/kid,test/sample_confidence
     python scripts/results_table.py --root ./data --experiments mnist_grid   # full MNIST, when present
 
-Each row: experiment, parameters, epochs, wall time, machine, test accuracy (mean ± std over seeds),
-and the exact command. Runs go to outputs/results/<experiment>-<data>-s<seed>/.
+Each row: experiment, trainable parameters, epochs, wall time per run, the ``--metrics`` (mean ± std
+over seeds; accuracies in %), and the exact command. Runs go to
+``outputs/results/<experiment>-<data>-s<seed>/``; the machine is printed above the table.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_EXPERIMENTS = [
-    "quickstart", "cnn_baseline", "mnist_grid", "mnist_keypoints", "mnist_knn", "knyazev_pixels", "knyazev_learned_edges",
-]
+SAMPLE_EXPERIMENTS = ["cnn_baseline", "mnist_grid", "mnist_keypoints", "mnist_knn", "knyazev_pixels", "knyazev_learned_edges"]
+#: Checkpoint entries that are not trained parameters: batch-norm statistics, a GAN's EMA copy and noise.
+NOT_TRAINED = ("running_mean", "running_var", "num_batches_tracked", "n_averaged", "fixed_noise")
 
 
 def machine() -> str:
@@ -33,29 +36,42 @@ def machine() -> str:
 
 
 def parameters(ckpt: Path) -> int:
+    """Trained parameters in a checkpoint (every network of the task, without buffers or EMA copies)."""
     from interconnects.engine.checkpoint import load_checkpoint
 
     state = load_checkpoint(ckpt)["model"]
-    # buffers (BatchNorm statistics) are not parameters
-    return sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    return sum(v.numel() for k, v in state.items() if not k.endswith(NOT_TRAINED) and not k.startswith("generator_ema."))
+
+
+def shown(metric: str, values: list[float]) -> str:
+    """``mean ± std`` of a metric over seeds; accuracies in %."""
+    scale = 100 if metric.rsplit("/", 1)[-1] == "acc" else 1
+    values = [scale * v for v in values]
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{spread}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", default=",".join(SAMPLE_EXPERIMENTS))
     parser.add_argument("--data", default="mnist", help="data= option for every run")
-    parser.add_argument("--root", default="../shared/datasets/mnist-sample", help="data.root= for every run")
+    parser.add_argument("--root", default="../shared/datasets/mnist-sample",
+                        help="data.root= for every run (not passed with --data digits, which needs none)")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--metrics", default="test/acc", help="metrics.json keys to tabulate, comma-separated")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
+    metrics_shown = args.metrics.split(",")
 
     rows = []
     for name in args.experiments.split(","):
-        accs, walls, params, epochs, command = [], [], None, None, None
+        values: dict[str, list[float]] = {m: [] for m in metrics_shown}
+        walls, params, epochs, command = [], None, None, None
         for seed in args.seeds.split(","):
             run = ROOT / "outputs" / "results" / f"{name}-{args.data}-s{seed}"
-            over = [f"experiment={name}", f"data={args.data}", f"data.root={args.root}", f"seed={seed}",
-                    "trainer.progress=false", *args.overrides]
+            root = [] if args.data == "digits" else [f"data.root={args.root}"]
+            over = [f"experiment={name}", f"data={args.data}", *root, f"seed={seed}", "trainer.progress=false",
+                    *args.overrides]
             command = "python train.py " + " ".join(over)
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, "train.py", *over, f"hydra.run.dir={run}"], cwd=ROOT,
@@ -65,19 +81,24 @@ def main() -> None:
                 print(f"{name} (seed {seed}) failed: {proc.stderr.strip().splitlines()[-1]}", file=sys.stderr)
                 continue
             metrics = json.loads((run / "metrics.json").read_text())
-            accs.append(100 * metrics["test/acc"])
+            for m in metrics_shown:
+                values[m].append(float(metrics[m]))
             walls.append(wall)
             epochs = metrics["epochs"]
             params = parameters(run / "checkpoints" / "best.ckpt")
-            print(f"{name} seed {seed}: test/acc {accs[-1]:.2f}%  {wall:.0f} s", file=sys.stderr, flush=True)
-        if not accs:
+            print(f"{name} seed {seed}: " + "  ".join(f"{m} {metrics[m]:.4f}" for m in metrics_shown) + f"  {wall:.0f} s",
+                  file=sys.stderr, flush=True)
+        if not walls:
             continue
-        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        rows.append((name, f"{params:,}", epochs, f"{statistics.mean(walls):.0f} s", f"{statistics.mean(accs):.2f}{spread}",
-                     len(accs), f"`{command.replace(f'seed={seed}', 'seed=S') if len(accs) > 1 else command}`"))
-    print(f"\nMachine: {machine()}; data: {args.data} in {args.root}\n")
-    print("| experiment | parameters | epochs | wall time (per run) | test acc % | seeds | command |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        many = len(walls) > 1
+        rows.append((name, f"{params:,}", epochs, f"{statistics.mean(walls):.0f} s",
+                     *(shown(m, values[m]) for m in metrics_shown), len(walls),
+                     f"`{command.replace(f'seed={seed}', 'seed=S') if many else command}`"))
+    root = "" if args.data == "digits" else f" in {args.root}"
+    print(f"\nMachine: {machine()}; data: {args.data}{root}\n")
+    names = [f"{m} %" if m.rsplit("/", 1)[-1] == "acc" else m for m in metrics_shown]
+    print("| experiment | parameters | epochs | wall time (per run) | " + " | ".join(names) + " | seeds | command |")
+    print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in names) + " | ---: | --- |")
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
 
