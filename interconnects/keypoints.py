@@ -221,7 +221,7 @@ class Keypoints(nn.Module):
         conv = self.score
         return (
             type(conv) is nn.Conv2d
-            and not nn.parameter.is_lazy(conv.weight)
+            and not isinstance(conv.weight, nn.parameter.UninitializedParameter)
             and conv.out_channels == 1
             and conv.groups == 1
             and conv.kernel_size == (1, 1)

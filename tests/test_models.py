@@ -130,3 +130,16 @@ def test_knyazev_pixels_is_linear_on_propagated_pixels():
     a[a < 0.01] = 0
     d = (a.sum(1) + 1e-5).pow(-0.5)
     torch.testing.assert_close(adj, d[:, None] * a * d[None, :], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("interconnect", ["grid", "keypoints", "knn"])
+def test_the_mnist_hybrids_compile_without_graph_breaks(interconnect):
+    """``trainer.compile=true`` compiles what a step runs through the model as one graph."""
+    from interconnects.models.hybrid import build_model
+
+    model = build_model(compose([f"interconnect={interconnect}", "backbone.width=8", "gnn.hidden_channels=8",
+                                 "decoder.channels=8"]), 1, (28, 28), num_classes=10)
+    images, labels = torch.randn(4, 1, 28, 28), torch.arange(4)
+    explained = torch._dynamo.explain(lambda x: torch.nn.functional.cross_entropy(model(x), labels))(images)
+    assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
