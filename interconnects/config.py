@@ -71,6 +71,7 @@ class TrainerConfig:
     log_images: int = 16
     picture_every_n_epochs: int = 1  # task pictures (graphs, reconstructions, samples); 0: never
     picture_images: int = 4  # fixed validation images the pictures are drawn from
+    log_graph: bool = True  # the task's network in TensorBoard's graph tab, traced once at the start (best effort)
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over the global batch
 
 

@@ -1,5 +1,6 @@
 """Pictures: where cells are drawn, what each picture function returns, the logger's picture
-methods, and the plotting scripts on a run and a sweep written here (no training)."""
+methods, the plotting scripts on a run and a sweep written here, and what a short training run on the
+MNIST sample leaves in its event file."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, compose, run_cli
+from conftest import ROOT, TINY, compose, run_cli
 
 TINY_MODEL = ["backbone.width=4", "gnn.hidden_channels=8", "decoder.channels=8"]
 MEAN, STD = (0.1307,), (0.3081,)
@@ -338,3 +339,25 @@ def test_plot_sweep_on_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     _write_sweep(tmp_path)
     assert plot_sweep.main([str(tmp_path), "--metric", "val/psnr"]) == 2
     assert "val/psnr" in capsys.readouterr().err
+
+
+# ---- a real run ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("interconnect", ["keypoints", "knn"])
+def test_a_run_logs_the_graph_pictures_and_plot_run_writes_them(interconnect, mnist_sample, tmp_path):
+    run = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("data=")]
+    proc = run_cli("train.py", *tiny, "data=mnist", f"data.root={mnist_sample}", f"interconnect={interconnect}",
+                   "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+                   "trainer.limit_test_batches=2", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    for word in ("keypoints", "edges", "adjacency", "confusion"):
+        assert any(word in tag for tag in tags), (word, tags)
+    assert len(events.Images("graph/edges")) == 2  # one per validation epoch
+    assert events.Graph() is not None  # the model's graph tab
+    assert any("parameters" in tag for tag in events.Tags()["tensors"])  # the parameter table as text
+    done = run_cli("scripts/plot_run.py", str(run), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(_png_files(run / "plots")) >= 3

@@ -416,6 +416,10 @@ class Trainer:
             table = ["| stage | trainable parameters |", "| --- | ---: |"]
             table += [f"| {name} | {count:,} |" for name, count in task.parameter_table()]
             self.logger.text("parameters", "\n".join(table), 0)
+            if cfg.get("log_graph") and self.primary:
+                graph = task.graph_input(self.picture_batch or move(_take(next(iter(source)), 2), self.device))
+                if graph is not None:
+                    self.logger.graph(*graph)
 
     def preflight(self, loader) -> None:
         """Run what an epoch's end runs (an evaluation step, the summary, the pictures, a

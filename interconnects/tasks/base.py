@@ -93,6 +93,11 @@ class Task(nn.Module):
         """Pictures from the test split's summed evaluation (a confusion matrix). Default: none."""
         return {}
 
+    def graph_input(self, batch) -> tuple[nn.Module, Any] | None:
+        """``(network, example input)`` whose traced graph TensorBoard shows, from a few images of
+        ``batch``; ``None``: nothing to show. Default: none."""
+        return None
+
     def parameter_table(self) -> list[tuple[str, int]]:
         """``[(stage, trainable parameters)]`` printed at the start of a run, then the total."""
         rows = [(name, sum(p.numel() for p in m.parameters() if p.requires_grad)) for name, m in self.named_children()]

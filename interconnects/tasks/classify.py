@@ -77,6 +77,10 @@ class ClassificationTask(Task):
         images = batch[0]
         return viz.graph_pictures(self.model, images, *self._stats) if self._stats else {}
 
+    def graph_input(self, batch):
+        """The whole model, on the batch's images."""
+        return self.model, batch[0]
+
     def test_pictures(self, sums: Mapping[str, Tensor]) -> dict:
         """The test split's confusion matrix as a figure."""
         from .. import viz

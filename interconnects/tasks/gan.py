@@ -286,6 +286,10 @@ class GANTask(Task):
             metrics["sample_confidence"] = confidence / max(count, 1.0)
         return metrics
 
+    def graph_input(self, batch):
+        """The generator, on a few of the fixed noises."""
+        return self.generator, self.fixed_noise[: len(batch[0])]
+
     @torch.no_grad()
     def pictures(self, batch, forward: Forward) -> dict[str, Tensor]:
         """``samples``: the EMA generator's images of the fixed noise, a grid ``[C, H', W']`` in ``[0, 1]``."""

@@ -158,6 +158,10 @@ class ReconstructionTask(Task):
         return {key: float(value) / count for key, value in sums.items() if key != "count"}
 
     @torch.no_grad()
+    def graph_input(self, batch):
+        """The encoder through the graph (the hybrid model), on the batch's images."""
+        return self.model, batch[0]
+
     def pictures(self, batch, forward: Forward) -> dict[str, Tensor]:
         """``reconstructions``: a grid ``[C, H', W']`` in ``[0, 1]``, inputs above their reconstructions."""
         images = batch[0][: self.num_pictures]
