@@ -169,7 +169,7 @@ def test_bad_detector_settings_name_the_key(override, words):
 
 
 # ---- through the command line ----------------------------------------------------------------------
-SAMPLE = ["data=mnist_sample", "data.root=../shared/datasets/mnist-sample"]
+SAMPLE = ["data=mnist", "data.root=../shared/datasets/mnist-sample"]
 TINY_RUN = ["backbone.width=8", "gnn.hidden_channels=8", "decoder.channels=8", "data.batch_size=32",
             "trainer.progress=false", "logger=none"]
 
