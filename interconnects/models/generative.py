@@ -148,6 +148,18 @@ class GraphGenerator(nn.Module):
         return torch.tanh(self.up(self.to_cnn(graph)))
 
 
+def _drop_derived_weights(module, state_dict, prefix, local_metadata):
+    """torch_geometric's ``Linear`` also writes its (here: normalised) ``weight`` into the state dict,
+    beside the parametrisation's own ``original``: the copy is derived, so it is left out."""
+    for key in module._derived:
+        state_dict.pop(prefix + key, None)
+
+
+def _drop_derived_weights_on_load(module, state_dict, prefix, *args):
+    for key in module._derived:
+        state_dict.pop(prefix + key, None)
+
+
 class GraphDiscriminator(nn.Module):
     """Image → one logit: ``images [B, C, H, W] -> [B]``.
 
@@ -166,7 +178,8 @@ class GraphDiscriminator(nn.Module):
         num_layers: GNN layers.
         layer: GNN layer.
         hidden: width of the MLP over node scores.
-        spectral_norm: wrap every conv and linear layer in spectral normalisation.
+        spectral_norm: wrap every layer with a weight matrix (the convs, the GNN layers' linears, the
+            score and the MLP) in spectral normalisation.
     """
 
     def __init__(
@@ -205,9 +218,18 @@ class GraphDiscriminator(nn.Module):
             self._apply_spectral_norm()
 
     def _apply_spectral_norm(self) -> None:
-        for module in list(self.modules()):
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+        # every layer with a weight matrix: the convs and linears, and the GNN layers' own
+        # (torch_geometric's Linear is not an nn.Linear)
+        self._derived = []  # state-dict keys of normalised weights that a module writes besides its own
+        for name, module in list(self.named_modules()):
+            weight = module._parameters.get("weight")
+            if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
                 spectral_norm(module)
+                if type(module)._save_to_state_dict is not nn.Module._save_to_state_dict:
+                    self._derived.append(f"{name}.weight")
+        if self._derived:
+            self._register_state_dict_hook(_drop_derived_weights)
+            self._register_load_state_dict_pre_hook(_drop_derived_weights_on_load, with_module=True)
 
     def forward(self, images: Tensor) -> Tensor:
         """``images [B, C, H, W]`` (in ``[-1, 1]``) → logits ``[B]``."""
