@@ -53,6 +53,11 @@ class _Product(torch.autograd.Function):
         return ctx.op._product(grad, transpose=True), None
 
 
+def _scaled(values: Tensor, scale: Tensor | None, out: Tensor) -> Tensor:
+    """``values · scale`` (broadcast; ``None``: 1) written into ``out`` in one pass, whatever the layouts."""
+    return out.copy_(values) if scale is None else torch.mul(values, scale, out=out)
+
+
 def _convolve_blocks(maps: Tensor, spectrum: Tensor, size: tuple[int, int], out: Tensor) -> None:
     """``out[i] = Σ_j K[i − j]·maps[j]`` for ``maps [M, h, w]`` (float32) into ``out [M, h, w]``,
     ``K`` given by its ``spectrum`` on the zero-padded ``size``, over blocks of maps."""
@@ -165,19 +170,11 @@ class GridConvolution:
         if pre is None and channel_major.is_contiguous():
             maps = channel_major
         else:
-            maps = torch.empty(b, c, n, device=x.device)
-            if pre is None:
-                maps.copy_(channel_major)
-            else:
-                torch.mul(channel_major, pre, out=maps)
+            maps = _scaled(channel_major, pre, torch.empty(b, c, n, device=x.device))
         convolved = torch.empty(b * c, h, w, device=x.device)
         _convolve_blocks(maps.view(b * c, h, w), spectrum, self.fft_size, convolved)
         convolved = convolved.view(b, c, n).transpose(1, 2)  # [B, N, C] view
-        out = torch.empty(b, n, c, device=x.device)
-        if post is None:
-            out.copy_(convolved)
-        else:
-            torch.mul(convolved, post.unsqueeze(-1), out=out)
+        out = _scaled(convolved, None if post is None else post.unsqueeze(-1), torch.empty(b, n, c, device=x.device))
         if self.extra is not None:
             out.addcmul_(nodes, self.extra.unsqueeze(-1))
         return out
