@@ -32,6 +32,10 @@ from torchvision.utils import draw_keypoints, make_grid
 #: Node colours, one per drawn neighbourhood (matplotlib's ``tab10``), as RGB byte tuples.
 PALETTE = [tuple(int(round(255 * v)) for v in rgb) for rgb in matplotlib.colormaps["tab10"].colors]
 KEYPOINT_COLOR = (255, 64, 64)
+#: Pictures are upscaled (nearest) to at least this many pixels a side: large enough to see a 28×28
+#: digit's keypoints and edges, small enough that drawing and encoding them stays a few percent of
+#: an epoch (224 cost 7% of an epoch on the MNIST sample, 168 about 4%: docs/benchmarks.md).
+PICTURE_SIZE = 168
 
 
 def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -156,7 +160,7 @@ def graph_pictures(
     *,
     num_nodes: int = 4,
     num_neighbours: int = 8,
-    min_size: int = 224,
+    min_size: int = PICTURE_SIZE,
 ) -> dict[str, Tensor]:
     """What the interconnect of a :class:`~interconnects.models.hybrid.HybridModel` makes of ``images``.
 

@@ -1,13 +1,15 @@
 """What the epoch-end pictures cost, against one training epoch, per interconnect: a markdown table.
 
-    python scripts/bench_pictures.py                                  # the bundled MNIST sample
-    python scripts/bench_pictures.py data.root=../shared/datasets/mnist-sample trainer.picture_images=8
+    python scripts/bench_pictures.py data.root=../shared/datasets/mnist-sample     # the MNIST sample
+    python scripts/bench_pictures.py data=digits trainer.picture_images=8
 
 For each interconnect the training engine is set up as ``train.py`` sets it up (default settings plus
-the overrides given), one epoch is trained and timed, then the engine's picture call (the task's
-pictures of ``trainer.picture_images`` fixed validation images, drawn and written to TensorBoard) is
-timed ``--repeats`` times; the table gives the median and its share of the epoch. Everything is
-written into a temporary folder that is removed afterwards.
+the overrides given) and one whole epoch is timed without its pictures: the training steps, then
+the epoch's end (validation, logging, ``best.ckpt`` and ``last.ckpt``). Then the engine's picture
+call (the task's pictures of ``trainer.picture_images`` fixed validation images, drawn and written
+to TensorBoard) is timed ``--repeats`` times; the table gives the median and its share of the
+epoch, and of the training steps alone. Everything is written into a temporary folder that is
+removed afterwards.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from interconnects.engine.loop import Trainer  # noqa: E402
 from interconnects.engine.run import build_factories, build_task  # noqa: E402
 
 
-def measure(overrides: list[str], repeats: int) -> tuple[float, float, int]:
-    """``(epoch seconds, median picture seconds, pictures per call)`` for the config ``overrides``."""
+def measure(overrides: list[str], repeats: int) -> tuple[float, float, float, int]:
+    """``(training seconds, whole-epoch seconds, median picture seconds, pictures per call)`` for the
+    config ``overrides``."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["trainer.progress=false", *overrides])
     seed_everything(cfg.seed)
@@ -45,9 +48,14 @@ def measure(overrides: list[str], repeats: int) -> tuple[float, float, int]:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg.trainer, run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger.name)
         trainer.setup(task, data, optimizers, schedulers, None, None)
+        every = trainer.cfg.picture_every_n_epochs
+        trainer.cfg.picture_every_n_epochs = 0  # the epoch's end without its pictures
         start = time.perf_counter()
-        trainer.train_epoch(data)
+        train = trainer.train_epoch(data)
+        steps = time.perf_counter() - start
+        trainer.end_epoch(data, train)
         epoch = time.perf_counter() - start
+        trainer.cfg.picture_every_n_epochs = every
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -56,7 +64,7 @@ def measure(overrides: list[str], repeats: int) -> tuple[float, float, int]:
         with torch.no_grad():
             count = len(task.pictures(trainer.picture_batch, trainer.forward)) if trainer.picture_batch is not None else 0
         trainer.logger.close()
-    return epoch, statistics.median(times), count
+    return steps, epoch, statistics.median(times), count
 
 
 def main() -> int:
@@ -68,11 +76,13 @@ def main() -> int:
     register()
     print(f"overrides: {' '.join(args.overrides) or '(none)'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
-    print("| interconnect | pictures per call | one epoch (s) | pictures (ms, median) | share of the epoch |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| interconnect | pictures per call | training steps (s) | whole epoch (s) | pictures (ms, median) | "
+          "share of the epoch | share of the training steps |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.interconnects.split(","):
-        epoch, pictures, count = measure([f"interconnect={name}", *args.overrides], args.repeats)
-        print(f"| {name} | {count} | {epoch:.2f} | {pictures * 1000:.0f} | {pictures / epoch:.2%} |", flush=True)
+        steps, epoch, pictures, count = measure([f"interconnect={name}", *args.overrides], args.repeats)
+        print(f"| {name} | {count} | {steps:.2f} | {epoch:.2f} | {pictures * 1000:.0f} | {pictures / epoch:.2%} | "
+              f"{pictures / steps:.2%} |", flush=True)
     return 0
 
 

@@ -21,7 +21,9 @@ ones), so that a machine whose load changes slows them alike; a figure is ``batc
 by the median time of a run, in images per second, and the ratios divide a hybrid's figure by the
 baseline's (below 1: slower than the CNN alone).
 
-**Dense-grid scaling.** One GCN layer (``GNNHead(64, "gcn", hidden_channels=64, num_layers=1)``)
+**Dense-grid scaling.** One GCN layer (``GCNLayer(64, 64)``: ``D^-1/2 Â D^-1/2 X W + b``, given the
+graph's edges as ``GNNHead`` gives them; the head's norm, activation and residual are the same for
+both paths and left out, and so is a ReLU's kink, which would make the gradients' comparison ill-posed)
 over ``DenseGrid(edges=E, aggregate=A)`` for maps h = w = 8, 16, 32, 64 (N = h·w nodes, C = 64,
 batch 8), E = ``gaussian`` (σ = 4 cells) or ``inverse_distance``, A = ``dense`` (the ``[1, N, N]``
 matrix) or ``fft`` (the same adjacency as a convolution through ``torch.fft``). Timed: forward and
@@ -65,7 +67,8 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 from bench_interconnects import sync, time_group  # noqa: E402
 from interconnects import DenseGrid  # noqa: E402
 from interconnects.engine.device import describe_machine, resolve_device, resolve_precision  # noqa: E402
-from interconnects.models.gnn import GNNHead  # noqa: E402
+from interconnects.models.gnn import layer_inputs  # noqa: E402
+from interconnects.models.layers import GCNLayer, layer_flags  # noqa: E402
 
 #: Row name → experiment; the first is the baseline the others are compared with.
 MODELS = {"cnn_baseline": "cnn_baseline", "grid": "mnist_grid", "keypoints": "mnist_keypoints", "knn": "mnist_knn"}
@@ -172,21 +175,22 @@ def bench_throughput(batch: int, device: torch.device, repeats: int, warmup: int
 # dense-grid scaling
 # ---------------------------------------------------------------------------------------------
 def grid_inputs(size: int, device: torch.device):
-    """``(fmap [8, 64, size, size], head, output gradient [8, size², 64])``, fixed by ``size`` alone,
-    so that every process and both aggregations see the same inputs and weights."""
+    """``(fmap [8, 64, size, size], layer, output gradient [8, size², 64])``, fixed by ``size`` alone,
+    so that every measurement and both aggregations see the same inputs and weights."""
     gen = torch.Generator().manual_seed(size)
     fmap = torch.randn(GRID_BATCH, GRID_CHANNELS, size, size, generator=gen).to(device)
     grad = torch.randn(GRID_BATCH, size * size, GRID_CHANNELS, generator=gen).to(device)
     torch.manual_seed(size)
-    head = GNNHead(GRID_CHANNELS, layer="gcn", hidden_channels=GRID_CHANNELS, num_layers=1).to(device)
-    return fmap, head, grad
+    return fmap, GCNLayer(GRID_CHANNELS, GRID_CHANNELS).to(device), grad
 
 
-def grid_step(grid: DenseGrid, head: GNNHead, fmap: torch.Tensor, grad: torch.Tensor):
+def grid_step(grid: DenseGrid, layer: GCNLayer, fmap: torch.Tensor, grad: torch.Tensor):
     """Forward + backward of one GCN layer over ``grid(fmap)``: ``(node features, fmap's gradient)``."""
-    head.zero_grad(set_to_none=True)
+    layer.zero_grad(set_to_none=True)
     leaf = fmap.clone().requires_grad_()
-    out = head(grid(leaf)).x
+    graph = grid(leaf)
+    adj, edge_index, edge_weight, view = layer_inputs(layer_flags(GCNLayer), graph)
+    out = layer(graph.x, adj, edge_index, edge_weight, **view)
     out.backward(grad)
     return out.detach(), leaf.grad
 
@@ -242,12 +246,12 @@ def adjacency_bytes(graph) -> int:
 
 def measure_memory(size: int, edges: str, aggregate: str, device: torch.device) -> tuple[int, int]:
     """``(step's peak bytes, adjacency bytes)`` of one forward + backward (see the docstring)."""
-    fmap, head, grad = grid_inputs(size, device)
+    fmap, layer, grad = grid_inputs(size, device)
     # code paths, FFT plans and library workspaces come from a 2×2 step of the same kind first
     warm = DenseGrid(aggregate=aggregate, **GRID_EDGES[edges])
-    grid_step(warm, head, fmap[..., :2, :2].contiguous(), grad[:, :4].contiguous())
+    grid_step(warm, layer, fmap[..., :2, :2].contiguous(), grad[:, :4].contiguous())
     grid = DenseGrid(aggregate=aggregate, **GRID_EDGES[edges])  # fresh: its adjacency is built in the step
-    peak = peak_bytes(lambda: grid_step(grid, head, fmap, grad), device)
+    peak = peak_bytes(lambda: grid_step(grid, layer, fmap, grad), device)
     return peak, adjacency_bytes(grid(fmap))
 
 
@@ -256,15 +260,15 @@ def bench_grid(sizes: list[int], device: torch.device, repeats: int, warmup: int
     memory = {(s, e, a): measure_memory(s, e, a, device) for s in sizes for e in GRID_EDGES for a in AGGREGATES}
     rows = []
     for size in sizes:
-        fmap, head, grad = grid_inputs(size, device)
+        fmap, layer, grad = grid_inputs(size, device)
         for edges, options in GRID_EDGES.items():
             dense, fft = (DenseGrid(aggregate=a, **options) for a in AGGREGATES)
-            (out_d, grad_d), (out_f, grad_f) = grid_step(dense, head, fmap, grad), grid_step(fft, head, fmap, grad)
+            (out_d, grad_d), (out_f, grad_f) = grid_step(dense, layer, fmap, grad), grid_step(fft, layer, fmap, grad)
             error = max(relative_error(out_f, out_d), relative_error(grad_f, grad_d))
             if not error <= MAX_REL_ERROR:
                 raise SystemExit(f"error: {size}×{size} {edges}: fft differs from dense by {error:.2e} "
                                  f"(relative), more than {MAX_REL_ERROR:g}")
-            dense_ms, fft_ms = time_group([lambda g=g: grid_step(g, head, fmap, grad) for g in (dense, fft)],
+            dense_ms, fft_ms = time_group([lambda g=g: grid_step(g, layer, fmap, grad) for g in (dense, fft)],
                                           device, repeats, warmup)
             rows.append((size, edges, dense_ms, fft_ms, memory[size, edges, "dense"], memory[size, edges, "fft"], error))
     return rows
@@ -275,7 +279,7 @@ def bench_grid(sizes: list[int], device: torch.device, repeats: int, warmup: int
 # ---------------------------------------------------------------------------------------------
 def print_grid(rows: list[tuple], device: torch.device, repeats: int, warmup: int) -> None:
     how = "max_memory_allocated" if device.type == "cuda" else "the profiler's allocation events"
-    print(f"Dense grid, one GCN layer (C = {GRID_CHANNELS} → {GRID_CHANNELS}, batch {GRID_BATCH}), forward + backward "
+    print(f"Dense grid, one GCN layer (GCNLayer, C = {GRID_CHANNELS} → {GRID_CHANNELS}, batch {GRID_BATCH}), forward + backward "
           f"from fmap [{GRID_BATCH}, {GRID_CHANNELS}, h, w]: median ms of {repeats} after {warmup} warm-up "
           "(dense and fft taking turns); dense/fft = speed-up of the FFT; step peak = the most MiB allocated at "
           f"once during the step above what was allocated before it ({how}; the adjacency is built in the step "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,8 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_EXPERIMENTS = ["cnn_baseline", "mnist_grid", "mnist_keypoints", "mnist_knn", "knyazev_pixels", "knyazev_learned_edges"]
-#: Checkpoint entries that are not trained parameters: batch-norm statistics, a GAN's EMA copy and noise.
-NOT_TRAINED = ("running_mean", "running_var", "num_batches_tracked", "n_averaged", "fixed_noise")
+#: Checkpoint entries that are not trained parameters: batch-norm statistics, spectral-norm vectors, a GAN's EMA copy and noise.
+NOT_TRAINED = ("running_mean", "running_var", "num_batches_tracked", "n_averaged", "fixed_noise", "._u", "._v")
 
 
 def machine() -> str:
@@ -44,11 +45,12 @@ def parameters(ckpt: Path) -> int:
 
 
 def shown(metric: str, values: list[float]) -> str:
-    """``mean ± std`` of a metric over seeds; accuracies in %."""
+    """``mean ± std`` of a metric over seeds; accuracies in %, values below 10 with three decimals."""
     scale = 100 if metric.rsplit("/", 1)[-1] == "acc" else 1
     values = [scale * v for v in values]
-    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.2f}{spread}"
+    digits = 3 if abs(statistics.mean(values)) < 10 else 2
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
 
 
 def main() -> None:
@@ -73,6 +75,8 @@ def main() -> None:
             over = [f"experiment={name}", f"data={args.data}", *root, f"seed={seed}", "trainer.progress=false",
                     *args.overrides]
             command = "python train.py " + " ".join(over)
+            if (run / "metrics.json").is_file() or (run / ".hydra").is_dir():
+                shutil.rmtree(run)  # this script's own earlier run of the row: measured afresh
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, "train.py", *over, f"hydra.run.dir={run}"], cwd=ROOT,
                                   capture_output=True, text=True)

@@ -79,7 +79,7 @@ def test_drawn_keypoint_of_a_known_cell_lands_at_the_pixel_its_stride_says():
 
     assert sorted(lattice_cells(4, 7, 7).tolist()) == [1 * 7 + 1, 1 * 7 + 5, 5 * 7 + 1, 5 * 7 + 5]
     model = _model("interconnect=keypoints", "interconnect.select=lattice", "interconnect.num_keypoints=4")
-    picture = graph_pictures(model, _black(1), MEAN, STD)["graph/keypoints"]
+    picture = graph_pictures(model, _black(1), MEAN, STD, min_size=224)["graph/keypoints"]
     assert picture.shape == (3, 224, 224)
     red = (picture[0] > 0.5) & (picture[1] < 0.5)
     rows, cols = red.nonzero(as_tuple=True)
@@ -154,12 +154,15 @@ def test_graph_pictures_per_interconnect(interconnect, nodes, tags):
     images = torch.randn(2, 1, *IMAGE)
     pictures = graph_pictures(model, images, MEAN, STD)
     assert set(pictures) == tags
-    # two images of 224 × 224 side by side, make_grid's 2-pixel padding around each
-    assert pictures["graph/keypoints"].shape == (3, 228, 454)
-    assert pictures["graph/edges"].shape == (3, 228, 454)
+    from interconnects.viz import PICTURE_SIZE
+
+    # two images of PICTURE_SIZE² (28 × 6 = 168) side by side, make_grid's 2-pixel padding around each
+    tile = 28 * -(-PICTURE_SIZE // 28)
+    assert pictures["graph/keypoints"].shape == (3, tile + 4, 2 * tile + 6)
+    assert pictures["graph/edges"].shape == (3, tile + 4, 2 * tile + 6)
     if "graph/scores" in tags:  # per image: keypoints beside the heat map
-        assert pictures["graph/scores"].shape == (3, 454, 454)
-    side = nodes * -(-224 // nodes)  # N × N, upscaled by a whole factor to at least 224
+        assert pictures["graph/scores"].shape == (3, 2 * tile + 6, 2 * tile + 6)
+    side = nodes * -(-PICTURE_SIZE // nodes)  # N × N, upscaled by a whole factor to at least PICTURE_SIZE
     assert pictures["graph/adjacency"].shape == (3, side, side)
     for tag, picture in pictures.items():
         assert picture.dtype == torch.float32 and 0 <= picture.min() and picture.max() <= 1, tag
@@ -230,7 +233,7 @@ def test_logger_writes_pictures_text_and_graph(tmp_path, caplog):
 
     model = _model("interconnect=keypoints")
     logger = TensorBoardLogger(tmp_path)
-    for tag, picture in graph_pictures(model, torch.randn(2, 1, *IMAGE), MEAN, STD).items():
+    for tag, picture in graph_pictures(model, torch.randn(2, 1, *IMAGE), MEAN, STD, min_size=224).items():
         logger.image(tag, picture, 1)
     logger.image("batch", torch.rand(3, 3, 8, 8), 1)  # a batch is tiled
     logger.figure("test/confusion", confusion_figure(torch.eye(3) * 4), 2)

@@ -453,7 +453,8 @@ def _warn_costs(task) -> None:
     for model in task.networks().values():
         gnn = getattr(model, "gnn", None) if isinstance(model, HybridModel) else None
         nodes = getattr(model, "graph_nodes", None)
-        if gnn is None or not model.graph_dense or not nodes or nodes <= 256 or not gnn.flags.get("per_edge"):
+        per_edge = getattr(gnn, "flags", {}).get("per_edge")  # (a user's own head may not say)
+        if gnn is None or not model.graph_dense or not nodes or nodes <= 256 or not per_edge:
             continue
         log.warning("gnn.layer=%s on a complete graph of %d nodes builds a [B, %d, %d, C] tensor per layer: "
                     "expect slow steps; cheaper: gnn=gcn (one matrix product), or interconnect=knn (k edges a node)",
@@ -536,8 +537,7 @@ def train(cfg: DictConfig) -> float | None:
     resuming = bool(cfg.ckpt_path)
     held = _HeldLogFile(run_dir) if resuming else None
     try:
-        prepared = _prepare_training(cfg, run_dir)
-        task, data, trainer, optimizers, schedulers, state = prepared
+        task, data, trainer, optimizers, schedulers, state = _prepare_training(cfg, run_dir)
 
         def accepted() -> None:  # the resume passed every check: now it may write to the run
             _save_record(cfg, run_dir)
