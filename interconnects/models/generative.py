@@ -148,14 +148,10 @@ class GraphGenerator(nn.Module):
         return torch.tanh(self.up(self.to_cnn(graph)))
 
 
-def _drop_derived_weights(module, state_dict, prefix, local_metadata):
+def _drop_derived_weights(module, state_dict, prefix, *hook_args):
     """torch_geometric's ``Linear`` also writes its (here: normalised) ``weight`` into the state dict,
-    beside the parametrisation's own ``original``: the copy is derived, so it is left out."""
-    for key in module._derived:
-        state_dict.pop(prefix + key, None)
-
-
-def _drop_derived_weights_on_load(module, state_dict, prefix, *args):
+    beside the parametrisation's own ``original``: the copy is derived, so it is left out when saving
+    and ignored when loading (the hook of both)."""
     for key in module._derived:
         state_dict.pop(prefix + key, None)
 
@@ -229,7 +225,7 @@ class GraphDiscriminator(nn.Module):
                     self._derived.append(f"{name}.weight")
         if self._derived:
             self._register_state_dict_hook(_drop_derived_weights)
-            self._register_load_state_dict_pre_hook(_drop_derived_weights_on_load, with_module=True)
+            self._register_load_state_dict_pre_hook(_drop_derived_weights, with_module=True)
 
     def forward(self, images: Tensor) -> Tensor:
         """``images [B, C, H, W]`` (in ``[-1, 1]``) → logits ``[B]``."""

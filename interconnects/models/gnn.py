@@ -36,7 +36,8 @@ _told: set = set()  # the dense-fallback note is logged once per process
 #: dense 1.3–2.9× faster at N = 49, 196 and 256, gather 1.0–2.4× faster from N = 400 on.
 NEIGHBORS_DENSE_MAX_NODES = 256
 
-# (the layers themselves are in interconnects.models.layers; GNN_LAYERS is re-exported for configs' docs)
+# (the layers and their table of names live in interconnects.models.layers; GNN_LAYERS, the head's
+# choices of layer, is re-exported)
 __all__ = ["GNN_LAYERS", "GNN_NORMS", "ACTIVATIONS", "NEIGHBORS_DENSE_MAX_NODES", "GNNHead", "layer_inputs"]
 
 
