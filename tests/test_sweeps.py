@@ -31,7 +31,7 @@ def summary(sweep: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def keypoint_sweep(tmp_path_factory):
-    """The issue's sweep, run in parallel by joblib: 2 of its 4 jobs ask for more keypoints than cells."""
+    """A keypoints sweep run in parallel by joblib: 2 of its 4 jobs ask for more keypoints than cells."""
     sweep = tmp_path_factory.mktemp("kp") / "sweep"
     proc = run_cli("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *FAST, "logger=tensorboard",
                    "interconnect=keypoints", "interconnect.num_keypoints=16,1000", "seed=0,1",
