@@ -86,12 +86,6 @@ def normalize_sparse(edge_index: Tensor, edge_weight: Tensor, num_nodes: int, ep
     return inv_sqrt[src] * edge_weight * inv_sqrt[dst]
 
 
-def add_remaining_self_loops_dense(adj: Tensor) -> Tensor:
-    """``adj [..., N, N]`` with a self-loop of weight 1 on every node whose diagonal entry is 0."""
-    diag = adj.diagonal(dim1=-2, dim2=-1)
-    return adj + torch.diag_embed((diag == 0).to(adj.dtype))
-
-
 def add_remaining_self_loops(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
     """Flat edges with exactly one self-loop per node: an existing loop keeps its weight, a missing one
     gets 1. Returns ``(edge_index [2, E'], edge_weight [E'])``, the loops last in node order."""

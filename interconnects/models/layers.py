@@ -43,13 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._edges import (
-    add_remaining_self_loops,
-    add_remaining_self_loops_dense,
-    inverse_sqrt_degree,
-    normalize_sparse,
-    normalize_symmetric,
-)
+from .._edges import add_remaining_self_loops, inverse_sqrt_degree, normalize_sparse
 
 #: Default bound, in bytes, of one block of a dense per-edge tensor (see the module docstring).
 DENSE_BLOCK_BYTES = 2**28
@@ -228,9 +222,9 @@ class GCNLayer(GraphLayer):
 
     ``Â`` is the adjacency with its remaining self-loops added (a node's own non-zero self-loop
     weight is kept, a missing one becomes 1) and ``D`` the row sums of ``|Â|`` (in-degrees; the
-    absolute value keeps a learned adjacency with negative weights finite). Dense: the
-    normalisation is done once on ``adj [B|1, N, N]`` (once for the whole batch when shared), then
-    one matrix product (an adjacency operator is normalised the same way, once, and cached). Sparse:
+    absolute value keeps a learned adjacency with negative weights finite). Dense: the degrees are
+    the row sums of ``|adj [B|1, N, N]|`` and the scaling is done on the node features, around one
+    matrix product (an adjacency operator is normalised itself, once, and cached). Sparse:
     the same normalisation of ``edge_weight``, then ``torch_geometric.nn.GCNConv``
     (``normalize=False``) whose ``lin`` and ``bias`` every path uses. Fixed degree: the same
     normalisation of ``neighbor_weight``, a gather and a weighted sum. The normalisation is the
@@ -248,12 +242,10 @@ class GCNLayer(GraphLayer):
         self.conv = GCNConv(in_channels, out_channels, add_self_loops=False, normalize=False)
 
     @staticmethod
-    def normalize_dense(adj):
-        """``D^-1/2 Â D^-1/2`` of ``adj [B|1, N, N]`` (or of an adjacency operator) with remaining
-        self-loops added."""
-        if is_operator(adj):
-            return adj.cached("gcn", lambda: _normalize_operator(adj.add_diagonal((adj.diagonal() == 0).float())))
-        return normalize_symmetric(add_remaining_self_loops_dense(adj), eps=0.0)
+    def normalize_operator(adj):
+        """``D^-1/2 Â D^-1/2`` of an adjacency operator with remaining self-loops added (built once
+        per operator, then cached)."""
+        return adj.cached("gcn", lambda: _normalize_operator(adj.add_diagonal((adj.diagonal() == 0).float())))
 
     @staticmethod
     def normalize_edges(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
@@ -280,7 +272,7 @@ class GCNLayer(GraphLayer):
     def dense(self, x: Tensor, adj) -> Tensor:
         h = self.conv.lin(x)
         if is_operator(adj):
-            return dense_sum(self.normalize_dense(adj), h) + self.conv.bias
+            return dense_sum(self.normalize_operator(adj), h) + self.conv.bias
         # the normalisation on the node side: D^-1/2 Â D^-1/2 h = s ⊙ (A (s ⊙ h) + loop ⊙ s ⊙ h), with
         # s = D^-1/2 and loop the added self-loops: one pass over the N×N matrix (its |row| sums)
         # besides the product, instead of building the normalised matrix
