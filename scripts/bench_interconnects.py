@@ -33,6 +33,7 @@ from interconnects import DenseGrid, GraphToCNN, Keypoints, KNNGraph  # noqa: E4
 from interconnects.engine.device import describe_machine  # noqa: E402
 from interconnects.knn import knn_indices  # noqa: E402
 from interconnects.models.gnn import GNNHead  # noqa: E402
+from interconnects.console import run_script  # noqa: E402
 
 KNN_K = 8
 
@@ -443,4 +444,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

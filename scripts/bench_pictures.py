@@ -29,10 +29,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from interconnects.config import register  # noqa: E402
+from interconnects.console import run_script  # noqa: E402
 from interconnects.data import build_data, data_info  # noqa: E402
 from interconnects.engine.device import seed_everything  # noqa: E402
 from interconnects.engine.loop import Trainer  # noqa: E402
-from interconnects.engine.run import build_factories, build_task  # noqa: E402
+from interconnects.engine.build import build_factories, build_task  # noqa: E402
 
 
 def measure(overrides: list[str], repeats: int) -> tuple[float, float, float, int]:
@@ -87,4 +88,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

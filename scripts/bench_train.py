@@ -66,6 +66,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", c
 
 from bench_interconnects import sync, time_group  # noqa: E402
 from interconnects import DenseGrid  # noqa: E402
+from interconnects.console import run_script  # noqa: E402
 from interconnects.engine.device import describe_machine, resolve_device, resolve_precision  # noqa: E402
 from interconnects.models.gnn import layer_inputs  # noqa: E402
 from interconnects.models.layers import GCNLayer, layer_flags  # noqa: E402
@@ -112,7 +113,7 @@ def build_model(cfg, data, device: torch.device):
     """``(task, {group: optimizer})`` of ``cfg`` as ``train.py`` builds them, on ``device``."""
     from interconnects.data import data_info
     from interconnects.engine.device import seed_everything
-    from interconnects.engine.run import build_factories, build_task
+    from interconnects.engine.build import build_factories, build_task
 
     seed_everything(cfg.seed)
     task = build_task(cfg, data_info(cfg.data))
@@ -354,4 +355,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -31,6 +31,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from interconnects.viz import report_written
+from interconnects.console import run_script
 
 SPLITS = ("train", "val", "test")
 # written for the HParams tab (a copy of the final metrics) or a counter, not a curve
@@ -180,4 +181,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -28,6 +28,7 @@ from hydra.errors import HydraException
 from matplotlib.figure import Figure
 
 from interconnects.viz import report_written
+from interconnects.console import run_script
 
 DEFAULT_METRIC = "val/acc"
 
@@ -163,4 +164,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from interconnects.console import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_EXPERIMENTS = ["cnn_baseline", "mnist_grid", "mnist_keypoints", "mnist_knn", "knyazev_pixels", "knyazev_learned_edges"]
 #: Checkpoint entries that are not trained parameters: batch-norm statistics, spectral-norm vectors, a GAN's EMA copy and noise.
@@ -108,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

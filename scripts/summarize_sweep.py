@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from interconnects.config import sweep_jobs  # noqa: E402 - the repository's own package, not an installed copy
+from interconnects.console import run_script  # noqa: E402
 
 
 def load_jobs(sweep_dir: Path) -> list[dict]:
@@ -200,4 +201,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)
