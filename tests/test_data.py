@@ -194,9 +194,9 @@ def test_image_folder_grey_classes_split_and_cached_statistics(tmp_path, monkeyp
     assert len(cached) == 1 and json.loads(cached[0].read_text())["images"] == 24
 
     # second time the statistics come from the cache: computing them again would fail
-    import interconnects.data as data_module
+    import interconnects.data.splits as splits_module
 
-    monkeypatch.setattr(data_module, "channel_mean_std", lambda *a: pytest.fail("statistics recomputed"))
+    monkeypatch.setattr(splits_module, "channel_mean_std", lambda *a: pytest.fail("statistics recomputed"))
     assert build_data(cfg, seed=0).info.mean == bundle.info.mean
     # a changed training file is a different key
     Image.fromarray(np.full((12, 10), 255, np.uint8)).save(root / "train" / "cat" / "00000.png")
