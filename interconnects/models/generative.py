@@ -7,6 +7,9 @@ generator and discriminator.
   graph → CNN → upsampling to the image, ``tanh``: images in ``[-1, 1]``.
 - :class:`GraphDiscriminator`: CNN features → kNN graph in feature space → GNN → a score per node →
   a small MLP over the node scores → one logit.
+- :class:`ConvGenerator`, :class:`ConvDiscriminator`: the same two networks with every graph step
+  replaced by 3×3 convolutions on the same grid (a DCGAN-style pair, no graph), the conventional
+  reference measured beside the graph GAN (``task.generator.kind=conv``, ``experiment=mnist_gan_conv``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ..to_cnn import GraphToCNN
 from .gnn import GNN_LAYERS, GNNHead
 
 GENERATOR_EDGES = ("grid", "knn")
+NETWORK_KINDS = ("graph", "conv")
 
 
 def _upsample_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -148,12 +152,81 @@ class GraphGenerator(nn.Module):
         return torch.tanh(self.up(self.to_cnn(graph)))
 
 
+class ConvGenerator(nn.Module):
+    """Noise on a grid → image, with convolutions where :class:`GraphGenerator` has graph layers:
+    ``z [B, N, latent_dim] -> images [B, C, H, W]`` in ``[-1, 1]``.
+
+    The same noise as the graph generator (``N = h·w`` cells of ``latent_dim`` features, a learned
+    embedding per cell), read as a ``[B, channels, h, w]`` map; ``num_layers`` 3×3 conv → batch norm
+    → ReLU blocks; the same ×2 upsampling blocks to the image, ``tanh``.
+
+    Args:
+        out_channels: image channels.
+        image_size: ``(H, W)``.
+        latent_dim: random features per cell.
+        grid_size: side of the latent grid; ``None``: a quarter of the image side.
+        channels: width of the convs and the upsampling blocks.
+        num_layers: 3×3 conv blocks on the latent grid.
+    """
+
+    def __init__(self, out_channels: int, image_size, latent_dim: int = 16, grid_size: int | None = None,
+                 channels: int = 64, num_layers: int = 2) -> None:
+        super().__init__()
+        check_int("latent_dim", latent_dim)
+        check_int("channels", channels)
+        check_int("num_layers", num_layers, 0)
+        H, W = image_size
+        side = grid_size if grid_size is not None else max(1, min(H, W) // 4)
+        check_int("grid_size", side)
+        if side > min(H, W):
+            raise ValueError(f"grid_size={side} is out of range; it must be at most the image side {min(H, W)}")
+        self.latent_dim, self.grid = latent_dim, (side, side)
+        self.num_nodes = side * side
+        self.embed = nn.Parameter(torch.randn(self.num_nodes, channels) * 0.1)
+        self.lift = nn.Linear(latent_dim, channels)
+        blocks = []
+        for _ in range(num_layers):
+            blocks += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                       nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*blocks)
+        self.up, _ = _upsampler(channels, channels, out_channels, self.grid, (H, W))
+
+    def noise(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Random cell features ``[batch_size, N, latent_dim]`` (standard normal)."""
+        return torch.randn(batch_size, self.num_nodes, self.latent_dim, generator=generator, device=device)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``z [B, N, latent_dim] -> images [B, out_channels, H, W]`` in ``[-1, 1]``."""
+        b = z.shape[0]
+        h, w = self.grid
+        x = self.lift(z) + self.embed  # [B, N, C]
+        fmap = x.transpose(1, 2).reshape(b, -1, h, w)
+        return torch.tanh(self.up(self.body(fmap)))
+
+
 def _drop_derived_weights(module, state_dict, prefix, *hook_args):
     """torch_geometric's ``Linear`` also writes its (here: normalised) ``weight`` into the state dict,
     beside the parametrisation's own ``original``: the copy is derived, so it is left out when saving
     and ignored when loading (the hook of both)."""
     for key in module._derived:
         state_dict.pop(prefix + key, None)
+
+
+def apply_spectral_norm(network: nn.Module) -> None:
+    """Spectral normalisation on every layer of ``network`` with a weight matrix: the convs and
+    linears, and the GNN layers' own (torch_geometric's ``Linear`` is not an ``nn.Linear``); the
+    normalised weight copies such a layer writes into the state dict are kept out of it."""
+    derived = []  # state-dict keys of normalised weights that a module writes besides its own
+    for name, module in list(network.named_modules()):
+        weight = module._parameters.get("weight")
+        if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
+            spectral_norm(module)
+            if type(module)._save_to_state_dict is not nn.Module._save_to_state_dict:
+                derived.append(f"{name}.weight")
+    network._derived = derived
+    if derived:
+        network._register_state_dict_hook(_drop_derived_weights)
+        network._register_load_state_dict_pre_hook(_drop_derived_weights, with_module=True)
 
 
 class GraphDiscriminator(nn.Module):
@@ -211,25 +284,57 @@ class GraphDiscriminator(nn.Module):
         self.node_score = nn.Linear(self.gnn.out_channels, 1)
         self.mlp = nn.Sequential(nn.Linear(self.num_nodes, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
         if spectral_norm:
-            self._apply_spectral_norm()
-
-    def _apply_spectral_norm(self) -> None:
-        # every layer with a weight matrix: the convs and linears, and the GNN layers' own
-        # (torch_geometric's Linear is not an nn.Linear)
-        self._derived = []  # state-dict keys of normalised weights that a module writes besides its own
-        for name, module in list(self.named_modules()):
-            weight = module._parameters.get("weight")
-            if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
-                spectral_norm(module)
-                if type(module)._save_to_state_dict is not nn.Module._save_to_state_dict:
-                    self._derived.append(f"{name}.weight")
-        if self._derived:
-            self._register_state_dict_hook(_drop_derived_weights)
-            self._register_load_state_dict_pre_hook(_drop_derived_weights, with_module=True)
+            apply_spectral_norm(self)
 
     def forward(self, images: Tensor) -> Tensor:
         """``images [B, C, H, W]`` (in ``[-1, 1]``) → logits ``[B]``."""
         graph: GraphBatch = self.graph(self.cnn(images))
         graph = self.gnn(graph)
         scores = self.node_score(graph.x).squeeze(-1)  # [B, N]
+        return self.mlp(F.leaky_relu(scores, 0.2)).squeeze(-1)
+
+
+class ConvDiscriminator(nn.Module):
+    """Image → one logit, with convolutions where :class:`GraphDiscriminator` has graph layers:
+    ``images [B, C, H, W] -> [B]``.
+
+    The same strided convs (LeakyReLU) to ``[B, channels, h, w]``; ``num_layers`` 3×3 convs
+    (LeakyReLU) in place of the kNN graph and its GNN layers; the same score per cell ``[B, h·w]``
+    and MLP over the scores → one logit. No batch norm.
+
+    Args:
+        in_channels: image channels.
+        image_size: ``(H, W)``.
+        channels: width of the convs.
+        downsamples: stride-2 convs (``28 → 14 → 7`` for 2).
+        num_layers: 3×3 convs after the downsampling.
+        hidden: width of the MLP over the cell scores.
+        spectral_norm: spectral normalisation on every conv and linear.
+    """
+
+    def __init__(self, in_channels: int, image_size, channels: int = 64, downsamples: int = 2,
+                 num_layers: int = 2, hidden: int = 64, spectral_norm: bool = True) -> None:
+        super().__init__()
+        check_int("channels", channels)
+        check_int("downsamples", downsamples, 0)
+        check_int("num_layers", num_layers, 0)
+        check_int("hidden", hidden)
+        H, W = image_size
+        h, w = H, W
+        convs, c = [nn.Conv2d(in_channels, channels, 3, padding=1), nn.LeakyReLU(0.2)], channels
+        for _ in range(downsamples):
+            convs += [nn.Conv2d(c, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            h, w = h // 2, w // 2
+        for _ in range(num_layers):
+            convs += [nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(0.2)]
+        self.cnn = nn.Sequential(*convs)
+        self.num_nodes = h * w
+        self.node_score = nn.Conv2d(channels, 1, 1)
+        self.mlp = nn.Sequential(nn.Linear(self.num_nodes, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+        if spectral_norm:
+            apply_spectral_norm(self)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``images [B, C, H, W]`` (in ``[-1, 1]``) → logits ``[B]``."""
+        scores = self.node_score(self.cnn(images)).flatten(1)  # [B, h·w]
         return self.mlp(F.leaky_relu(scores, 0.2)).squeeze(-1)

@@ -1,10 +1,17 @@
 """Sample quality without a download: FID and KID on the features of a small classifier trained on
 the run's own training images.
 
-The classifier (:class:`FeatureClassifier`) is trained once per dataset, deterministically, the
-first time a GAN run needs it, and cached under ``~/.cache/interconnects/fid/`` (or
-``$XDG_CACHE_HOME/interconnects/fid/``) by the dataset's name, root, image count and a hash of the
-images, so FIDs of runs on the same data are measured with the same network and compare.
+The classifier (:class:`FeatureClassifier`) is trained once per dataset the first time a GAN run
+needs it, and cached under ``~/.cache/interconnects/fid/`` (or ``$XDG_CACHE_HOME/interconnects/fid/``)
+by the dataset's name, root, image count and a hash of the images, so FIDs of runs on the same data
+are measured with the same network and compare. Its training is bit-reproducible on the CPU: one
+thread, deterministic algorithms, its own seeded generators for the weights and the data order
+(``torch.randperm`` on a CPU generator: the same order on every machine), whatever the run's seed,
+device or thread settings. What remains machine-dependent is the float arithmetic of the CPU
+kernels themselves: the same PyTorch build on CPUs with the same vector instructions (AVX2,
+AVX-512) gives the same network; another build or instruction set may round differently, and the
+cached file is then what keeps the features fixed (copy ``~/.cache/interconnects/fid`` to compare
+runs of two machines exactly).
 torchmetrics' :class:`~torchmetrics.image.fid.FrechetInceptionDistance` and
 :class:`~torchmetrics.image.kid.KernelInceptionDistance` use it as their feature extractor.
 
@@ -31,7 +38,7 @@ FID_FEATURES = ("classifier", "inception")
 # KID keeps every feature vector: a few thousand 128-wide vectors here, so its memory notice says nothing
 warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted features")
 #: Bumped whenever the classifier or its training changes, so that old cache entries are not reused.
-CLASSIFIER_VERSION = 1
+CLASSIFIER_VERSION = 2
 CLASSIFIER_EPOCHS = 3
 
 
@@ -116,21 +123,32 @@ def dataset_key(name: str, root: str | None, images: Tensor) -> str:
 def train_classifier(images: Tensor, labels: Tensor, num_classes: int, epochs: int = CLASSIFIER_EPOCHS,
                      seed: int = 0) -> FeatureClassifier:
     """Train a :class:`FeatureClassifier` on ``images uint8 [N, C, H, W]``, ``labels [N]``, on the
-    CPU with its own random generator (the same network for the same data, whatever the run's seed)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = FeatureClassifier(images.shape[1], num_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    pixels = images.float() / 255
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for batch in order.split(128):
-            loss = F.cross_entropy(model(pixels[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    CPU, bit-reproducibly: one thread and deterministic algorithms for the duration (the caller's
+    settings are restored after), the weights and the batch order from their own seeded generators
+    (the same network for the same data, whatever the run's seed or threads)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = FeatureClassifier(images.shape[1], num_classes)
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, foreach=False)
+        pixels = images.cpu().float() / 255
+        labels = labels.cpu()
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for batch in order.split(128):
+                loss = F.cross_entropy(model(pixels[batch]), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     return model.eval().requires_grad_(False)
 
 
@@ -155,6 +173,25 @@ def load_or_train_classifier(name: str, root: str | None, images: Tensor, labels
         if os.path.exists(tmp):
             os.unlink(tmp)
     return model, path
+
+
+def feed(metric, images: Tensor, real: bool, batch_size: int = 256) -> None:
+    """Add ``images [N, C, H, W]`` (``uint8``, or floats in ``[0, 1]``) to an FID / KID ``metric`` as
+    its ``real`` or generated side, ``batch_size`` at a time (on the metric's device)."""
+    device = next(iter(metric.parameters()), torch.empty(0)).device
+    for chunk in images.split(batch_size):
+        pixels = chunk.float() / 255 if chunk.dtype == torch.uint8 else chunk.float()
+        metric.update(pixels.to(device), real=real)
+
+
+def real_fid(features: nn.Module, reference: Tensor, other: Tensor) -> float:
+    """FID between two sets of real images (``[N, C, H, W]``, ``uint8`` or ``[0, 1]``) in ``features``:
+    the floor of a generator's FID against ``reference`` when it is measured with as many samples as
+    ``other`` holds (0 for a set against itself)."""
+    fid = FrechetInceptionDistance(feature=features, normalize=True)
+    feed(fid, reference, real=True)
+    feed(fid, other, real=False)
+    return float(fid.compute())
 
 
 def build_metrics(features: nn.Module, kid_subset_size: int) -> tuple[FrechetInceptionDistance, KernelInceptionDistance]:

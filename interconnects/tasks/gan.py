@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
-from ..models.generative import GraphDiscriminator, GraphGenerator
+from ..models.generative import NETWORK_KINDS, ConvDiscriminator, ConvGenerator, GraphDiscriminator, GraphGenerator
 from ..models.hybrid import build_part
 from .base import Forward, Optimize, Task
 from .fid import (
@@ -32,10 +32,36 @@ from .fid import (
     InceptionFeatures,
     build_metrics,
     check_fid_features,
+    feed,
     load_or_train_classifier,
 )
 
 GAN_LOSSES = ("hinge", "nonsaturating", "lsgan")
+#: The classes of ``task.generator.kind`` / ``task.discriminator.kind``.
+NETWORKS = {
+    "generator": {"graph": GraphGenerator, "conv": ConvGenerator},
+    "discriminator": {"graph": GraphDiscriminator, "conv": ConvDiscriminator},
+}
+#: Options only the graph networks take: null (the class default) or absent for ``kind=conv``.
+GRAPH_ONLY = {"generator": ("edges", "k", "layer"), "discriminator": ("k", "layer")}
+
+
+def network_node(role: str, options: Mapping | None) -> dict:
+    """The ``_target_`` node of ``task.<role>`` (``generator`` / ``discriminator``): its ``kind``
+    picks the class; graph-only options left null take the class default, and are refused with
+    ``kind=conv``."""
+    options = dict(options or {})
+    kind = options.pop("kind", "graph")
+    if kind not in NETWORK_KINDS:
+        raise ValueError(f"task.{role}.kind={kind!r} is not supported; choose one of {', '.join(map(repr, NETWORK_KINDS))}")
+    for key in GRAPH_ONLY[role]:
+        if options.get(key, None) is None:
+            options.pop(key, None)
+        elif kind != "graph":
+            raise ValueError(f"task.{role}.{key}={options[key]!r} applies to task.{role}.kind=graph only; "
+                             f"leave it null with kind={kind}")
+    cls = NETWORKS[role][kind]
+    return {"_target_": f"{cls.__module__}.{cls.__name__}", **options}
 
 
 def discriminator_loss(kind: str, real: Tensor, fake: Tensor) -> Tensor:
@@ -58,11 +84,14 @@ def generator_loss(kind: str, fake: Tensor) -> Tensor:
 
 class GANTask(Task):
     """The graph GAN: ``generator``, ``discriminator`` and ``generator_ema`` (the EMA weights, in the
-    checkpoint but in no optimizer).
+    checkpoint but in no optimizer; the generator's batch-norm statistics are copied into it, not
+    averaged, since they belong to the weights of the step).
 
     Args:
-        generator: options of :class:`~interconnects.models.generative.GraphGenerator`.
-        discriminator: options of :class:`~interconnects.models.generative.GraphDiscriminator`.
+        generator: ``kind`` (``graph``: :class:`~interconnects.models.generative.GraphGenerator`,
+            ``conv``: :class:`~interconnects.models.generative.ConvGenerator`) and its options.
+        discriminator: ``kind`` (``graph``: :class:`~interconnects.models.generative.GraphDiscriminator`,
+            ``conv``: :class:`~interconnects.models.generative.ConvDiscriminator`) and its options.
         loss: ``hinge``, ``nonsaturating`` or ``lsgan``.
         r1_weight: weight of the R1 penalty ``γ/2·E‖∇D(real)‖²`` (0: off).
         ema_decay: decay of the generator's EMA, in ``[0, 1)`` (0 copies the weights each step).
@@ -109,13 +138,13 @@ class GANTask(Task):
         self.loss, self.r1_weight, self.ema_decay = loss, float(r1_weight), float(ema_decay)
         self.fid_features, self.num_samples, self.kid_subset_size = fid_features, num_samples, kid_subset_size
         self.dataset, self.num_classes = dataset, num_classes
-        gen_node = {"_target_": f"{GraphGenerator.__module__}.GraphGenerator", **dict(generator or {})}
-        disc_node = {"_target_": f"{GraphDiscriminator.__module__}.GraphDiscriminator", **dict(discriminator or {})}
+        gen_node = network_node("generator", generator)
+        disc_node = network_node("discriminator", discriminator)
         size = tuple(image_size)
         self.generator = build_part("task.generator", gen_node, out_channels=in_channels, image_size=size)
         self.discriminator = build_part("task.discriminator", disc_node, in_channels=in_channels, image_size=size)
         self.generator_ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay),
-                                           use_buffers=True)
+                                           use_buffers=False)
         self.generator_ema.requires_grad_(False)
         # the fixed noise of the sample grid is part of the task (and of its checkpoint)
         noise = self.generator.noise(sample_grid, torch.Generator().manual_seed(0))
@@ -188,9 +217,16 @@ class GANTask(Task):
         fake = forward(self.generator, self.generator.noise(b, device=real.device))
         g_loss = generator_loss(self.loss, forward(self.discriminator, fake).float())
         optimize("generator", g_loss)
-        self.generator_ema.update_parameters(self.generator)
+        self.update_ema()
         metrics["g_loss"] = g_loss.detach()
         return metrics
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """EMA of the generator's parameters; its buffers (batch-norm statistics) copied as they are."""
+        self.generator_ema.update_parameters(self.generator)
+        for ema_buffer, buffer in zip(self.generator_ema.module.buffers(), self.generator.buffers()):
+            ema_buffer.copy_(buffer)
 
     # ---- evaluation -------------------------------------------------------------------------------
     def setup(self, data) -> None:
@@ -210,13 +246,17 @@ class GANTask(Task):
             features = ClassifierFeatures(classifier)
         device = self.fixed_noise.device
         fid, kid = build_metrics(features, self.kid_subset_size)
-        self._quality = {"fid": fid.to(device), "kid": kid.to(device),
-                         "classifier": classifier.to(device) if classifier is not None else None}
+        fid_real, _ = build_metrics(features, self.kid_subset_size)
+        self._quality = {"fid": fid.to(device), "kid": kid.to(device), "fid_real": fid_real.to(device),
+                         "classifier": classifier.to(device) if classifier is not None else None,
+                         "train_images": data.train_view.images}
 
     def _metric(self, name: str):
         if not self._quality:
             raise RuntimeError("GANTask.setup(data) must be called before evaluation")
         metric = self._quality[name]
+        if isinstance(metric, Tensor):
+            return metric
         device = self.fixed_noise.device
         if metric is not None and next(iter(metric.parameters()), self.fixed_noise).device != device:
             self._quality[name] = metric = metric.to(device)
@@ -232,8 +272,8 @@ class GANTask(Task):
 
     def start_evaluation(self, split: str) -> None:
         """Reset FID / KID and the evaluation noise (the same samples every time a split is measured)."""
-        self._metric("fid").reset()
-        self._metric("kid").reset()
+        for name in ("fid", "kid", "fid_real"):
+            self._metric(name).reset()
         device = self.fixed_noise.device
         self._eval = {"split": split, "noise": torch.Generator(device).manual_seed(1234), "count": 0}
 
@@ -259,12 +299,14 @@ class GANTask(Task):
         self._metric("fid").update(pixels, real=True)
         if self._eval["split"] == "test":
             self._metric("kid").update(pixels, real=True)
+            self._metric("fid_real").update(pixels, real=True)
         confidence = self._add_fakes(real.shape[0])
         return {"confidence": confidence, "count": torch.tensor(real.shape[0], device=real.device)}
 
     def summarize(self, sums: Mapping[str, Tensor], split: str) -> dict[str, float]:
         """``fid``; at test also ``kid`` and ``sample_confidence``, after topping the samples up to
-        ``num_samples``."""
+        ``num_samples``, and ``fid_real``: the FID of as many real training images (a fixed draw)
+        against the same test images, in the same features: the floor of ``fid``."""
         confidence, count = float(sums.get("confidence", 0.0)), float(sums.get("count", 0.0))
         if split == "test":
             with torch.no_grad():
@@ -284,6 +326,11 @@ class GANTask(Task):
                 kid_mean, _ = kid.compute()
             metrics["kid"] = float(kid_mean)
             metrics["sample_confidence"] = confidence / max(count, 1.0)
+            train = self._metric("train_images")
+            draw = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: self._eval["count"]]
+            fid_real = self._metric("fid_real")
+            feed(fid_real, train[draw], real=False)
+            metrics["fid_real"] = float(fid_real.compute())
         return metrics
 
     def graph_input(self, batch):
