@@ -10,12 +10,13 @@ register()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig):
-    from interconnects.engine.run import guarded, train
+    from interconnects.engine.jobs import guarded
+    from interconnects.engine.run import train
 
     return guarded(train, cfg)
 
 
 if __name__ == "__main__":
-    from interconnects.engine.run import entry
+    from interconnects.engine.jobs import entry
 
     entry(main)

@@ -209,10 +209,23 @@ class SweepReport(Callback):
         print(f"summary: python scripts/summarize_sweep.py {sweep_dir}", file=sys.stderr if failed else sys.stdout)
         if failed:
             # the sweep ran: its status is 1 ("some jobs failed"), not the 2 of a config that did not compose
-            from interconnects.engine.run import _mark_started
-
-            _mark_started()
+            mark_composed()
             sys.exit(EXIT_SWEEP_JOB_FAILED)
+
+
+_composed = False  # set once Hydra has composed the config and handed it to train / evaluate (or a sweep ran)
+
+
+def mark_composed() -> None:
+    """Record that Hydra composed the command line: a later exit status 1 is the run's own, not
+    Hydra's refusal of the command line (which the entry points report as a bad setting, 2)."""
+    global _composed
+    _composed = True
+
+
+def was_composed() -> bool:
+    """Whether :func:`mark_composed` was called in this process."""
+    return _composed
 
 
 def register() -> None:

@@ -28,7 +28,7 @@ def test_every_group_has_options():
 def test_config_composes_and_instantiates(group, option, tmp_path):
     from interconnects.data import check_data_config, data_info
     from interconnects.engine.loop import check_trainer_config, make_scheduler
-    from interconnects.engine.run import build_factories, build_task
+    from interconnects.engine.build import build_factories, build_task
 
     # an image folder is read for its classes, channels and size: give it a small one
     folder = [f"data.root={make_image_folder(tmp_path / 'pics')}"] if (group, option) == ("data", "image_folder") else []
@@ -131,7 +131,7 @@ def test_resume_continues_at_the_right_epoch(trained, tmp_path):
     proc = run_cli("train.py", *common, "trainer.max_epochs=3", "scheduler=constant", f"hydra.run.dir={tmp_path / 'b'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = proc.stdout + proc.stderr
-    assert "resumed from" in log and "at epoch 2" in log
+    assert "resumed from" in log and "after step 16 (epoch 2 complete)" in log
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics["steps"] == 24
 

@@ -118,7 +118,7 @@ def test_sweep_job_takes_device_i_mod_n_with_several_gpus(monkeypatch):
     import torch
     from omegaconf import OmegaConf
 
-    from interconnects.engine.run import SweepJob
+    from interconnects.engine.jobs import SweepJob
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     threads = torch.get_num_threads()
