@@ -73,3 +73,98 @@ def test_every_script_uses_the_shared_closed_pipe_guard(script):
     done = _closed_pipe_run(str(SCRIPTS / script), "--help")
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+# ---- running train.py in the background (output to files: a full pipe never blocks it) -------------------
+
+class Background:
+    """``python train.py args`` from the repository root, its stdout and stderr going to files."""
+
+    def __init__(self, args: list[str], logs: Path) -> None:
+        logs.mkdir(parents=True, exist_ok=True)
+        self.out = logs / f"train-{len(list(logs.iterdir()))}.log"
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        env.pop("HYDRA_FULL_ERROR", None)
+        with open(self.out, "w") as out:
+            self.popen = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                                          stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def output(self) -> str:
+        return self.out.read_text()
+
+    def wait_for(self, condition, what: str, timeout: float = 240) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.popen.poll() is not None:
+                raise AssertionError(f"train.py ended (status {self.popen.returncode}) before {what}:\n{self.output[-3000:]}")
+            if time.monotonic() > deadline:
+                self.popen.kill()
+                raise AssertionError(f"no {what} within {timeout} s:\n{self.output[-3000:]}")
+            time.sleep(0.02)
+
+    def interrupt(self) -> int:
+        import signal
+
+        self.popen.send_signal(signal.SIGINT)
+        return self.popen.wait(240)
+
+
+QUIET = [*TINY, "logger=none"]
+
+
+# ---- 4. the projected epoch time comes from steps after warm-up, for the epoch as run and the full one ------
+
+def test_projection_times_steps_after_warm_up_and_projects_the_full_epoch_and_the_run(cli, tmp_path):
+    import re
+
+    proc = cli("train.py", *QUIET, "trainer.max_epochs=2", "trainer.limit_train_batches=30",
+               f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    line = next(ln for ln in log.splitlines() if "first training step:" in ln)
+    # digits: 1,293 training images in batches of 32 are 41 steps a full epoch
+    match = re.search(r"steps (\d+)-(\d+) after warm-up: ([\d.e-]+) s a step; projected ([\d.]+) s per epoch of 30 steps "
+                      r"\(trainer\.limit_train_batches=30; the full epoch of 41 steps: ([\d.]+) s\), ([\d.]+) s for the "
+                      r"run's 2 epoch\(s\)", line)
+    assert match, line
+    first_timed, last_timed, per_step, epoch, full, run = match.groups()
+    assert int(first_timed) == 3 and int(last_timed) > int(first_timed)  # the first steps (warm-up) are not timed
+    per_step = float(per_step)
+    assert float(epoch) == pytest.approx(30 * per_step, abs=0.06)
+    assert float(full) == pytest.approx(41 * per_step, abs=0.06)
+    assert float(run) == pytest.approx(60 * per_step, abs=0.06)
+    measured = [float(m) for m in re.findall(r"epoch \d/2 \(training ([\d.]+) s, validation [\d.]+ s\)", log)]
+    assert len(measured) == 2
+    assert measured[1] / 3 <= float(epoch) <= 3 * measured[1] + 0.2  # (a busy machine: loose, but not 30×)
+
+
+# ---- 7. the interrupt and the resume count the same way ----------------------------------------------------
+
+def test_interrupt_and_resume_name_the_same_position(tmp_path):
+    import re
+
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    args = [*QUIET, "trainer.max_epochs=30", "trainer.checkpoint_every_n_steps=1", f"hydra.run.dir={run}"]
+    first = Background(args, tmp_path / "logs")
+    first.wait_for(last.exists, "a step-level last.ckpt")
+    assert first.interrupt() == 130
+    stop = re.search(r"error: stopped by SIGINT (after step (\d+) \(epoch (\d+)(?:, batch (\d+) of 41| complete)\)); "
+                     r"last\.ckpt written", first.output)
+    assert stop, first.output[-3000:]
+    from interconnects.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(last)
+    assert int(stop[2]) == state["step"]
+    if stop[4] is not None:  # mid-epoch: epochs are counted from 1, batches done in it
+        assert (int(stop[3]), int(stop[4])) == (state["epoch"] + 1, state["batch_in_epoch"])
+    else:
+        assert (int(stop[3]), state["batch_in_epoch"]) == (state["epoch"], 0)
+    second = Background([*args[:-1], f"ckpt_path={last}"], tmp_path / "logs")
+    second.wait_for(lambda: "resumed from" in second.output, "the resume message")
+    resumed = next(ln for ln in second.output.splitlines() if "resumed from" in ln)
+    assert resumed.endswith(f"resumed from {last} {stop[1]}"), (resumed, stop[1])
+    assert second.interrupt() == 130

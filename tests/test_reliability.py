@@ -227,7 +227,8 @@ def sigterm(tmp: Path) -> dict:
     proc.wait()
     state = load(last) if last.exists() else None
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    match = re.fullmatch(r"error: stopped by SIGTERM at epoch \d+, step (\d+); last\.ckpt written\. "
+    match = re.fullmatch(r"error: stopped by SIGTERM after step (\d+) \(epoch \d+(?:, batch \d+ of \d+| complete)\); "
+                         r"last\.ckpt written\. "
                          r"Resume with: (.+)", lines[-1]) if lines else None
     resumed = None
     if match:  # run the printed command, as printed
@@ -406,7 +407,7 @@ def test_kill9_after_a_step_checkpoint_then_resume_equals_uninterrupted_run(jobs
     assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < PER_EPOCH  # written mid-epoch
     assert not r["had_metrics"]
     assert r["resumed"].returncode == 0, r["resumed"].output[-3000:]
-    assert f"batch {state['batch_in_epoch']} (step {state['step']})" in r["resumed"].output
+    assert f"after step {state['step']} (epoch 1, batch {state['batch_in_epoch']} of {PER_EPOCH})" in r["resumed"].output
     assert_same_run(result(jobs, "reference"), r["run"])
 
 

@@ -74,6 +74,13 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
+def _duration(seconds: float) -> str:
+    """``12.3 s``, ``4.5 min`` or ``1.2 h``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
 def _take(batch, n: int):
     """The first ``n`` items of every tensor in ``batch``."""
     return [t[:n] if isinstance(t, torch.Tensor) else t for t in batch]
@@ -132,6 +139,14 @@ class Trainer:
     def _where(self) -> str:
         """The step being computed, 1-based: ``step S (epoch E, batch B of N)``."""
         return f"step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1} of {self.per_epoch})"
+
+    def _position(self) -> str:
+        """Where the run stands after its last finished step, counted one way in every message
+        (the interrupt, the resume): ``after step S (epoch E, batch B of N)``, or ``after step S
+        (epoch E complete)`` at an epoch's end; epochs are counted from 1."""
+        if self.batch_in_epoch == 0 and self.epoch > 0:
+            return f"after step {self.step} (epoch {self.epoch} complete)"
+        return f"after step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch} of {self.per_epoch})"
 
     def _kept(self) -> str:
         """What the last good checkpoint on disk is, for stop messages."""
@@ -291,7 +306,7 @@ class Trainer:
             raise ValueError(
                 f"{path} was written at batch {self.batch_in_epoch} of an epoch, but this config has "
                 f"{self.per_epoch} batches per epoch; pass the same data.batch_size and trainer.limit_train_batches")
-        log.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batch_in_epoch, self.step)
+        log.info("resumed from %s %s", path, self._position())
 
     def _adopt_best(self, source: Path) -> None:
         """Resuming into a folder without the run's best.ckpt: take it from beside the checkpoint
@@ -308,10 +323,10 @@ class Trainer:
             signal.default_int_handler(signum, frame)
         self._signal = signum  # (no I/O here: the signal may have interrupted a write to stderr)
 
-    def _stop_for_signal(self, where: str) -> None:
+    def _stop_for_signal(self) -> None:
         name = signal.Signals(self._signal).name
         raise TrainingStopped(
-            f"stopped by {name} {where}; last.ckpt written. Resume with: {self.resume_hint}", 128 + self._signal)
+            f"stopped by {name} {self._position()}; last.ckpt written. Resume with: {self.resume_hint}", 128 + self._signal)
 
     # ---- evaluation -------------------------------------------------------------------------
     def reduce(self, sums: dict) -> dict:
@@ -384,7 +399,7 @@ class Trainer:
         self.task = task.to(self.device, memory_format=self.memory_format)
         groups = task.optimizer_groups()
         self.optimizers = {k: optimizers[k](params) for k, params in groups.items()}
-        full = data.train_batches.per_epoch
+        full = self.full_per_epoch = data.train_batches.per_epoch
         self.per_epoch = min(full, cfg.limit_train_batches or full)
         self.schedulers = {k: s for k, o in self.optimizers.items()
                            if (s := make_scheduler(schedulers.get(k), o, self.per_epoch * cfg.max_epochs)) is not None}
@@ -399,6 +414,7 @@ class Trainer:
         if ckpt_path:
             self._restore(ckpt_path, state)
         self.first_step = self.step
+        self._step_ends: list[float] | None = []  # when each of this process's first steps ended (None: reported)
         source = data.val if self.has_val else data.test
         self.picture_batch = None
         if cfg.picture_every_n_epochs and cfg.picture_images:
@@ -450,6 +466,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, task = self.cfg, self.task
+        epoch_started = time.perf_counter()
         data.set_epoch(self.epoch, self.batch_in_epoch)
         task.train()
         batches = itertools.islice(data.train, max(0, self.per_epoch - self.batch_in_epoch))
@@ -461,45 +478,82 @@ class Trainer:
                 self.logger.images("inputs", batch[0][: cfg.log_images], 0)
             started = time.perf_counter()
             metrics = self.train_step(batch)
-            if self.step == self.first_step + 1:
-                self._report_speed(time.perf_counter() - started)
             if not self._step_skipped:  # a skipped step's non-finite loss stays out of the epoch means
                 for k, v in metrics.items():
-                    self.acc[k] = self.acc.get(k, 0.0) + float(v)
+                    self.acc[k] = self.acc.get(k, 0.0) + float(v)  # (float() waits for the step's kernels)
                 self.acc["n"] = self.acc.get("n", 0.0) + 1
+            if self._step_ends is not None:
+                self._time_step(started)
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in metrics.items()}, refresh=False)
             if cfg.log_every_n_steps and self.step % cfg.log_every_n_steps == 0:
                 lrs = {("lr" if k == "model" else f"lr/{k}"): o.param_groups[0]["lr"] for k, o in self.optimizers.items()}
                 self.logger.scalars({**{f"train/{k}": float(v) for k, v in metrics.items()}, **lrs}, self.step)
             if self._signal is not None:
                 self._save("last.ckpt")
-                self._stop_for_signal(f"at epoch {self.epoch + 1}, step {self.step}")
+                self._stop_for_signal()
             # (the epoch's last batch is saved at the epoch end)
             if cfg.checkpoint_every_n_steps and self.step % cfg.checkpoint_every_n_steps == 0 \
                     and self.batch_in_epoch < self.per_epoch:
                 self._save("last.ckpt")
         bar.close()
+        self._train_seconds = time.perf_counter() - epoch_started
         acc = distributed.reduce_sums(self.acc)  # (the epoch means over every rank's shards)
         n = max(1.0, acc.pop("n", 1.0))
         return {f"train/{k}_epoch": v / n for k, v in acc.items()}
 
-    def _report_speed(self, seconds: float) -> None:
-        """After the run's first step: its time and the projected epoch time (so that a setting
-        that makes a step very slow is seen at once, not after an hour)."""
-        epoch = seconds * self.per_epoch
-        log.info("first training step: %.2f s; about %s per epoch of %d steps (the first step includes warm-up)",
-                 seconds, f"{epoch / 60:.1f} min" if epoch >= 60 else f"{epoch:.1f} s", self.per_epoch)
+    #: The projection skips the first steps (lazy initialisation, cuDNN's autotuning, the allocator's
+    #: growth: on full MNIST the first step took up to 30× a later one), then times up to
+    #: ``SPEED_STEPS`` steps or ``SPEED_SECONDS`` of them, or what the first epoch has when it is shorter.
+    SPEED_WARMUP, SPEED_STEPS, SPEED_SECONDS = 2, 10, 3.0
+
+    def _time_step(self, started: float) -> None:
+        """Note when this step ended (from the loop's view: data loading and logging included);
+        report the projection once enough steps after warm-up are timed."""
+        ends = self._step_ends
+        ends.append(time.perf_counter())
+        if len(ends) == 1:
+            self._first_step_seconds = ends[0] - started
+        timed = len(ends) - self.SPEED_WARMUP
+        if timed >= self.SPEED_STEPS or self.batch_in_epoch >= self.per_epoch or (
+                timed > 0 and ends[-1] - ends[self.SPEED_WARMUP - 1] >= self.SPEED_SECONDS):
+            self._report_speed()
+            self._step_ends = None
+
+    def _report_speed(self) -> None:
+        """The time of a step after warm-up and what it projects: the epoch as run (and the full
+        epoch when ``limit_train_batches`` shortens it) and the run's remaining training steps, so
+        that a setting that makes steps slow is seen at once, not after an hour."""
+        ends, cfg = self._step_ends, self.cfg
+        n, first = len(ends), self.first_step + 1
+        skip = min(self.SPEED_WARMUP, n - 1)
+        if skip == 0:  # an epoch of one step: nothing but the first step to go by
+            per_step, timed = self._first_step_seconds, "no later step to time, so from the first one"
+        else:
+            per_step = (ends[-1] - ends[skip - 1]) / (n - skip)
+            steps = f"step {first + skip}" if n - skip == 1 else f"steps {first + skip}-{first + n - 1}"
+            timed = f"{steps} after warm-up: {per_step:.3g} s a step"
+        epoch = f"{_duration(per_step * self.per_epoch)} per epoch of {self.per_epoch:,} steps"
+        if self.per_epoch < self.full_per_epoch:
+            epoch += (f" (trainer.limit_train_batches={cfg.limit_train_batches}; the full epoch of "
+                      f"{self.full_per_epoch:,} steps: {_duration(per_step * self.full_per_epoch)})")
+        left = self.per_epoch * cfg.max_epochs - self.first_step
+        run = (f"{_duration(per_step * left)} for the run's {cfg.max_epochs} epoch(s)" if self.first_step == 0 else
+               f"{_duration(per_step * left)} for the {left:,} steps left of {cfg.max_epochs} epoch(s)")
+        log.info("first training step: %.2f s (warm-up included); %s; projected %s, %s (training steps only; "
+                 "validation comes on top)", self._first_step_seconds, timed, epoch, run)
 
     def end_epoch(self, data, train: dict[str, float]) -> None:
         """Validate, log, draw the pictures, keep the best checkpoint, save ``last.ckpt``."""
         cfg, task = self.cfg, self.task
+        started = time.perf_counter()
         val = self.evaluate(task, data.val, "val", cfg.limit_val_batches)[0] if self.has_val else {}
+        val_seconds = time.perf_counter() - started
         self.epoch, self.batch_in_epoch, self.acc = self.epoch + 1, 0, {}
         task.train()
         self.logger.scalars({**train, **val, "epoch": self.epoch}, self.step)
         # (per-class values such as val/acc/<class> go to TensorBoard and metrics.json, not this line)
-        log.info("epoch %d/%d: %s", self.epoch, cfg.max_epochs,
-                 "  ".join(f"{k}={v:.4f}" for k, v in {**train, **val}.items() if k.count("/") == 1))
+        log.info("epoch %d/%d (training %s, validation %s): %s", self.epoch, cfg.max_epochs,
+                 _duration(self._train_seconds), _duration(val_seconds), "  ".join(f"{k}={v:.4f}" for k, v in {**train, **val}.items() if k.count("/") == 1))
         if cfg.picture_every_n_epochs and self.epoch % cfg.picture_every_n_epochs == 0:
             self.pictures(self.step)
         value = val.get(task.monitor)
@@ -510,7 +564,7 @@ class Trainer:
             self._save("best.ckpt")
         self._save("last.ckpt")
         if self._signal is not None:
-            self._stop_for_signal(f"after epoch {self.epoch} (step {self.step})")
+            self._stop_for_signal()
 
     def test(self, data) -> dict[str, float]:
         """Test with the best checkpoint's weights; write ``metrics.json``; return the metrics."""
