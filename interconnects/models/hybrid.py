@@ -21,17 +21,23 @@ def _config_error(group: str, exc: Exception) -> ConfigError:
 
 
 class ClassifierHead(nn.Module):
-    """Features → class logits: ``[B, C, h, w]`` (global average pool first) or ``[B, C]`` → ``[B, classes]``."""
+    """Features → class logits: ``[B, C, h, w]`` (global ``pool``, ``mean`` or ``max``, first) or
+    ``[B, C]`` → ``[B, classes]``, multiplied by ``scale``."""
 
-    def __init__(self, in_features: int, num_classes: int, bias: bool = True, dropout: float = 0.0) -> None:
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, dropout: float = 0.0,
+                 pool: str = "mean", scale: float = 1.0) -> None:
         super().__init__()
+        if pool not in ("mean", "max"):
+            raise ValueError(f"pool={pool!r} is not supported; choose mean or max")
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.fc = nn.Linear(in_features, num_classes, bias=bias)
+        self.pool, self.scale = pool, float(scale)
 
     def forward(self, features: Tensor) -> Tensor:
         if features.dim() == 4:
-            features = features.mean(dim=(2, 3))
-        return self.fc(self.dropout(features))
+            features = features.mean(dim=(2, 3)) if self.pool == "mean" else features.amax(dim=(2, 3))
+        logits = self.fc(self.dropout(features))
+        return logits * self.scale if self.scale != 1.0 else logits
 
 
 class HybridModel(nn.Module):
@@ -105,7 +111,8 @@ def build_part(group: str, node: Mapping[str, Any] | None, **inferred):
             f"{group}.{unknown[0]} is not a setting of {cls.__name__} (accepted: {accepted}); the {group} config "
             f"keeps keys {cls.__name__} does not take ({', '.join(unknown)}): put the class in a config file "
             f"{group}/<name>.yaml on hydra.searchpath, or drop them with {' '.join('~' + group + '.' + k for k in unknown)}")
-    kwargs.update({k: v for k, v in inferred.items() if k in params and k not in kwargs})
+    # (an inferred key set to null in the config is inferred too: ``gnn.hidden_channels: null``)
+    kwargs.update({k: v for k, v in inferred.items() if k in params and kwargs.get(k) is None})
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -134,7 +141,7 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
     if interconnect is None and gnn_layer != "none":
         raise ConfigError(f"gnn.layer={gnn_layer!r} needs a graph, but interconnect=none builds none; "
                           "use gnn=none for the CNN baseline, or choose an interconnect (grid, keypoints, knn)")
-    gnn = build_part("gnn", cfg.gnn, in_channels=channels) if interconnect is not None else None
+    gnn = build_part("gnn", cfg.gnn, in_channels=channels, hidden_channels=channels) if interconnect is not None else None
     graph_channels = gnn.out_channels if gnn is not None else channels
     decoder = build_part("decoder", cfg.decoder, graph_channels=graph_channels, fmap_channels=channels)
     model = HybridModel(backbone, interconnect, gnn, decoder)
@@ -167,6 +174,8 @@ def build_model(cfg, in_channels: int, image_size: tuple[int, int], num_classes:
         model.head = ClassifierHead(model.out_shape[0], num_classes, **head_cfg)
     except TypeError as exc:
         raise ConfigError(f"task.head: {exc}") from None
+    except ValueError as exc:
+        raise _config_error("task.head", exc) from None
     return model
 
 

@@ -9,7 +9,30 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..checks import check_fraction
+from ..models.airbench import fit_to_data
 from .base import Forward, Optimize, Task
+
+#: ``task.tta``: the views averaged at test time (``true``: airbench's flip and one-pixel shifts)
+TTA = {False: 1, "none": 1, "flip": 2, True: 6, "flip_shift": 6}
+#: training images a module that fits itself to the data (the whitening conv) is shown
+FIT_IMAGES = 5000
+
+
+def tta_logits(model: nn.Module, images: Tensor, forward: Forward, views: int) -> tuple[Tensor, Tensor]:
+    """``(averaged logits [B, classes], plain logits [B, classes])`` of ``images [B, C, H, W]``:
+    ``views`` 1 (the images), 2 (and their mirror) or 6 (half the mirror pair, half the mirror
+    pairs of the images shifted one pixel up-left and down-right with reflect padding)."""
+    plain = forward(model, images).float()
+    if views == 1:
+        return plain, plain
+    pair = 0.5 * (plain + forward(model, images.flip(-1)).float())
+    if views == 2:
+        return pair, plain
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = torch.cat([padded[..., :h, :w], padded[..., 2:, 2:]])
+    both = forward(model, torch.cat([shifted, shifted.flip(-1)])).float().view(4, *plain.shape)
+    return 0.5 * pair + 0.5 * both.mean(0), plain
 
 
 class ClassificationTask(Task):
@@ -21,11 +44,18 @@ class ClassificationTask(Task):
     monitor_mode = "max"
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0, head: dict | None = None,
-                 class_names: tuple[str, ...] | None = None) -> None:
-        """``head``: options of the classifier head (``bias``, ``dropout``); the model builder reads
-        them from the task config and builds the head into ``model``, so they are not used here."""
+                 class_names: tuple[str, ...] | None = None, tta: bool | str = False) -> None:
+        """``head``: options of the classifier head (``bias``, ``dropout``, ``pool``, ``scale``); the
+        model builder reads them from the task config and builds the head into ``model``, so they
+        are not used here. ``tta``: test-time augmentation of the test split (``false``, ``flip``,
+        ``true`` = flip and one-pixel shifts); ``metrics.json`` then holds ``test/tta_views`` and
+        the accuracy without it, ``test/acc_plain``."""
         super().__init__()
         check_fraction("label_smoothing", label_smoothing)
+        if tta not in TTA:
+            raise ValueError(f"tta={tta!r} is not supported; choose false, flip or true (flip and one-pixel shifts)")
+        self.tta_views = TTA[tta]
+        self._split = None
         self.model = model
         self.label_smoothing = label_smoothing
         self.num_classes = model.head.fc.out_features if hasattr(model.head, "fc") else None
@@ -54,11 +84,20 @@ class ClassificationTask(Task):
         """Sums over ``batch``: ``loss`` (summed cross-entropy), ``count`` and ``confusion``
         ``[classes, classes]`` (rows: true class, columns: predicted)."""
         images, labels = batch
-        logits = forward(self.model, images)
+        views = self.tta_views if self._split == "test" else 1
+        logits, plain = tta_logits(self.model, images, forward, views)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         c = logits.shape[1]
         confusion = torch.bincount(labels * c + logits.argmax(1), minlength=c * c).view(c, c)
-        return {"loss": loss, "count": torch.tensor(labels.numel(), device=labels.device), "confusion": confusion}
+        sums = {"loss": loss, "count": torch.tensor(labels.numel(), device=labels.device), "confusion": confusion}
+        if views > 1:
+            sums["correct_plain"] = (plain.argmax(1) == labels).sum()
+            sums["tta_views"] = torch.tensor(views, device=labels.device)
+        return sums
+
+    def start_evaluation(self, split: str) -> None:
+        """Test-time augmentation applies to the ``test`` split only (validation stays one view)."""
+        self._split = split
 
     def summarize(self, sums: Mapping[str, Tensor], split: str) -> dict[str, float]:
         """Dataset-level ``loss`` (mean), ``acc``, and the accuracy of each class ``acc/<class name>``."""
@@ -68,6 +107,9 @@ class ClassificationTask(Task):
         per_class = confusion.diagonal() / confusion.sum(1).clamp(min=1)
         names = self.class_names if len(self.class_names) == len(per_class) else range(len(per_class))
         metrics.update({f"acc/{name}": float(v) for name, v in zip(names, per_class)})
+        if "correct_plain" in sums:
+            metrics["acc_plain"] = float(sums["correct_plain"]) / count
+            metrics["tta_views"] = float(self.tta_views)
         return metrics
 
     def pictures(self, batch, forward: Forward) -> dict:
@@ -95,7 +137,22 @@ class ClassificationTask(Task):
         return rows
 
     def setup(self, data) -> None:
-        """Keep the data's normalisation, to draw the pictures on the images as they look."""
+        """Keep the data's normalisation, to draw the pictures on the images as they look; fit the
+        model's parts that are fitted to training images (the airbench whitening conv) on
+        :data:`FIT_IMAGES` unaugmented training images, unless a checkpoint already set them."""
         self._stats = (tuple(data.info.mean), tuple(data.info.std))
+        if any(hasattr(m, "fit_to_data") and not bool(getattr(m, "fitted", True)) for m in self.model.modules()):
+            fit_to_data(self.model, training_sample(data.train_view, FIT_IMAGES), len(data.train_view))
 
     _stats: tuple | None = None
+
+
+def training_sample(view, n: int) -> Tensor:
+    """``n`` training images ``[n, C, H, W]`` of the dataset ``view`` (all when fewer), normalised and
+    not augmented, drawn by a fixed permutation (the same on every run)."""
+    import copy
+
+    plain = copy.copy(view)
+    plain.augment = "none"
+    order = torch.randperm(len(view), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return plain.__getitems__(order.tolist())[0]
