@@ -6,7 +6,8 @@ through ``train.py`` / ``evaluate.py`` on the MNIST sample.
 * a reconstruction step lowers the loss; PSNR is averaged per image over a split, exactly;
 * the GAN's EMA is checkpointed but in no optimizer; the FID classifier is trained once per dataset
   and read back from the cache;
-* a short run of each task with each interconnect (the GAN with each latent edge scheme);
+* a short run of each task with each interconnect (the GAN with each latent edge scheme, and its
+  conv reference);
   ``evaluate.py`` writes the task's pictures as PNG files;
 * a GAN killed with ``kill -9`` and resumed ends with the same weights as an uninterrupted run;
 * bad task options fail before any work with one line and exit status 2.
@@ -265,6 +266,7 @@ RUNS = {
     "reconstruct-knn": [*TINY_RECONSTRUCT, "interconnect=knn", "interconnect.k=4"],
     "gan-grid": [*TINY_GAN, "task.generator.edges=grid"],
     "gan-knn": [*TINY_GAN, "task.generator.edges=knn", "task.generator.k=4"],
+    "gan-conv": [*TINY_GAN, "task.generator.kind=conv", "task.discriminator.kind=conv"],
 }
 
 
@@ -295,7 +297,7 @@ def test_short_run_of_each_task_and_interconnect(short_runs, name):
     if name.startswith("reconstruct"):
         expected, picture = {"val/psnr", "val/ssim", "test/psnr", "test/ssim", "test/loss"}, "reconstructions"
     else:
-        expected, picture = {"val/fid", "test/fid", "test/kid", "test/sample_confidence"}, "samples"
+        expected, picture = {"val/fid", "test/fid", "test/kid", "test/sample_confidence", "test/fid_real"}, "samples"
     assert expected <= set(metrics), metrics
     assert all(isinstance(metrics[k], float) and metrics[k] == metrics[k] for k in expected)
     assert code == 0, output[-3000:]
