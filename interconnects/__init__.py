@@ -1,7 +1,8 @@
 """interconnects: put a graph neural network inside a CNN.
 
 CNN → graph: :class:`DenseGrid` (every cell a node), :class:`Keypoints` (K chosen cells),
-:class:`KNNGraph` (edges to the k nearest cells in feature space). Graph → CNN: :class:`GraphToCNN`.
+:class:`KNNGraph` (edges to the k nearest cells in feature space), :class:`Superpixels` (one node per
+SLIC region of the input image). Graph → CNN: :class:`GraphToCNN`.
 They all meet in :class:`GraphBatch`.
 
 The names are imported on first use, so that the command-line tools start (and print ``--help``)
@@ -11,13 +12,14 @@ without importing torch.
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["GraphBatch", "DenseGrid", "Keypoints", "KNNGraph", "GraphToCNN"]
+__all__ = ["GraphBatch", "DenseGrid", "Keypoints", "KNNGraph", "Superpixels", "GraphToCNN"]
 
 _HOMES = {
     "GraphBatch": ".graph",
     "DenseGrid": ".grid",
     "Keypoints": ".keypoints",
     "KNNGraph": ".knn",
+    "Superpixels": ".superpixels",
     "GraphToCNN": ".to_cnn",
 }
 

@@ -19,7 +19,10 @@ class GraphToCNN(nn.Module):
     when it is given. Differentiable in ``x``. A :class:`GraphBatch` may stand in for ``x``, its own
     ``pos`` and ``size`` then being used.
 
-    For grid and kNN graphs this is the exact inverse of the CNN → graph step.
+    For grid and kNN graphs this is the exact inverse of the CNN → graph step. A graph that carries an
+    ``assignment [B, h, w]`` (region graphs, :class:`~interconnects.superpixels.Superpixels`) is
+    scattered by it instead: each cell takes its region's node features, so the map is exact
+    wherever the features are constant over a region (``skip`` and ``reduce`` have nothing to do).
 
     Node features that are a ``[B, N, C]`` view of a ``[B, C, ·]`` tensor (what the interconnects
     produce) are scattered channel by channel and give a contiguous map; contiguous ``[B, N, C]``
@@ -34,6 +37,15 @@ class GraphToCNN(nn.Module):
     def extra_repr(self) -> str:
         return f"reduce={self.reduce!r}"
 
+    @staticmethod
+    def from_assignment(x: Tensor, assignment: Tensor) -> Tensor:
+        """Region graphs: every cell takes the features of the node it is assigned to,
+        ``(x [B, N, C], assignment [B, h, w] long) -> [B, C, h, w]`` (an exact gather, differentiable in x)."""
+        b, n, c = x.shape
+        h, w = assignment.shape[1:]
+        index = assignment.reshape(b, 1, h * w).expand(b, c, h * w)
+        return x.transpose(1, 2).gather(2, index).view(b, c, h, w)
+
     def forward(
         self,
         x: Tensor | GraphBatch,
@@ -42,6 +54,9 @@ class GraphToCNN(nn.Module):
         skip: Tensor | None = None,
     ) -> Tensor:
         if isinstance(x, GraphBatch):
+            assignment = getattr(x, "assignment", None)
+            if assignment is not None and pos is None and size is None:
+                return self.from_assignment(x.x, assignment)
             x, pos, size = x.x, x.pos if pos is None else pos, x.size if size is None else size
         if pos is None or size is None:
             raise ValueError("GraphToCNN needs pos [B, N, 2] and size (h, w) (or a GraphBatch)")

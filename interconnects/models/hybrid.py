@@ -119,6 +119,22 @@ def build_part(group: str, node: Mapping[str, Any] | None, **inferred):
         raise _config_error(group, exc) from None
 
 
+def _node_channels(interconnect: nn.Module, fmap: Tensor, image: Tensor) -> int:
+    """The node feature channels ``interconnect`` makes of a dummy ``fmap`` (the GNN's ``in_channels``):
+    the fmap's own channels for the cell interconnects, more where nodes carry more (superpixels)."""
+    interconnect.eval()
+    inputs = {"image": image} if getattr(interconnect, "needs_image", False) else {}
+    try:
+        with torch.no_grad():
+            graph = interconnect(fmap, **inputs)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise _config_error("interconnect", exc) from None
+    check_interconnect(interconnect, graph)
+    return graph.num_channels
+
+
 def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: nn.Module | None = None) -> HybridModel:
     """Build backbone → interconnect → GNN → decoder from ``cfg.backbone/interconnect/gnn/decoder``
     for images of ``in_channels × image_size``, without a task head: ``model(image)`` returns the
@@ -141,8 +157,9 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
     if interconnect is None and gnn_layer != "none":
         raise ConfigError(f"gnn.layer={gnn_layer!r} needs a graph, but interconnect=none builds none; "
                           "use gnn=none for the CNN baseline, or choose an interconnect (grid, keypoints, knn)")
-    gnn = build_part("gnn", cfg.gnn, in_channels=channels, hidden_channels=channels) if interconnect is not None else None
-    graph_channels = gnn.out_channels if gnn is not None else channels
+    node_channels = channels if interconnect is None else _node_channels(interconnect, fmap, dummy)
+    gnn = build_part("gnn", cfg.gnn, in_channels=node_channels, hidden_channels=channels) if interconnect is not None else None
+    graph_channels = gnn.out_channels if gnn is not None else node_channels
     decoder = build_part("decoder", cfg.decoder, graph_channels=graph_channels, fmap_channels=channels)
     model = HybridModel(backbone, interconnect, gnn, decoder)
     model.eval()
