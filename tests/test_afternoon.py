@@ -168,3 +168,73 @@ def test_interrupt_and_resume_name_the_same_position(tmp_path):
     resumed = next(ln for ln in second.output.splitlines() if "resumed from" in ln)
     assert resumed.endswith(f"resumed from {last} {stop[1]}"), (resumed, stop[1])
     assert second.interrupt() == 130
+
+
+# ---- 1 and 8. a resume never silently ignores a changed optimizer, schedule or data setting ------------------
+
+SHORT = [*QUIET, "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch run with the default one-cycle schedule."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *SHORT, "trainer.max_epochs=1", f"hydra.run.dir={run}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "copy"))
+
+
+def _error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["optimizer.lr=0.01"], "optimizer.lr=0.01 here but 0.003 in the checkpoint"),
+    (["optimizer.weight_decay=0.01"], "optimizer.weight_decay=0.01 here but 0.0005 in the checkpoint"),
+    (["scheduler=cosine"], "scheduler._target_='torch.optim.lr_scheduler.CosineAnnealingLR' here but "
+                           "'torch.optim.lr_scheduler.OneCycleLR' in the checkpoint"),
+    (["scheduler.pct_start=0.3"], "scheduler.pct_start=0.3 here but 0.2 in the checkpoint"),
+    (["data.val_fraction=0.2"], "data.val_fraction=0.2 here but 0.1 in the checkpoint"),
+    (["seed=7"], "seed=7 here but 42 in the checkpoint"),
+    (["trainer.max_epochs=3"], "trainer.max_epochs=3 here but 1 in the checkpoint"),
+], ids=["lr", "weight_decay", "cosine", "pct_start", "val_fraction", "seed", "max_epochs"])
+def test_a_resume_that_would_ignore_a_changed_setting_is_refused_naming_it(cli, finished_run, tmp_path, overrides,
+                                                                            named):
+    run = _copy_run(finished_run, tmp_path)
+    before = tree_digest(run)
+    proc = cli("train.py", *SHORT, "trainer.max_epochs=1", *overrides, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = _error_line(proc)
+    assert named in line, line
+    assert "scheduler=constant" in line and "init_from=" in line
+    assert tree_digest(run) == before
+
+
+def test_a_constant_rate_resume_applies_and_records_the_configured_rate(cli, finished_run, tmp_path):
+    """The documented way to train a finished run longer: scheduler=constant, more epochs, a rate of one's choosing."""
+    from omegaconf import OmegaConf
+
+    from interconnects.engine.checkpoint import load_checkpoint
+
+    run = _copy_run(finished_run, tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    for epochs, lr in ((2, 0.01), (3, 0.002)):  # the second resume: constant to constant, another rate
+        proc = cli("train.py", *SHORT, f"trainer.max_epochs={epochs}", "scheduler=constant", f"optimizer.lr={lr}",
+                   f"ckpt_path={last}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        state = load_checkpoint(last)
+        assert state["epoch"] == epochs
+        assert [g["lr"] for g in state["optimizers"]["model"]["param_groups"]] == [lr]  # what ran
+        recorded = OmegaConf.load(run / ".hydra" / "config.yaml")
+        assert recorded.optimizer.lr == lr and recorded.scheduler._target_ is None  # what the record says
+        assert f"now the configured optimizer.lr={lr:g}" in proc.stdout + proc.stderr

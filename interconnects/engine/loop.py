@@ -274,8 +274,9 @@ class Trainer:
                 if saved is not None and saved != getattr(sched, length, saved):
                     raise ValueError(
                         f"{path}: its LR schedule spans {saved} steps but this run's spans "
-                        f"{getattr(sched, length)} (trainer.max_epochs or limit_train_batches changed); resume with "
-                        "the run's own values, or start a new run from its weights with init_from=")
+                        f"{getattr(sched, length)} ({self._length_change(state)}); resume with the run's own "
+                        "values, train on at a constant rate with scheduler=constant, or start a new run from its "
+                        "weights with init_from=")
         missing = sorted(set(self.optimizers) - set(state.get("optimizers") or {}))
         if missing:
             raise ValueError(f"{path} holds no optimizer state for {', '.join(map(repr, missing))}; "
@@ -285,12 +286,20 @@ class Trainer:
                 opt.load_state_dict(state["optimizers"][key])
             for key, sched in self.schedulers.items():
                 sched.load_state_dict(saved_scheds[key])
-            for key in sorted(set(saved_scheds) - set(self.schedulers)):
-                # the schedule is dropped (scheduler=constant): train on at the configured rate
-                for group in self.optimizers[key].param_groups:
-                    group["lr"] = self.optimizers[key].defaults["lr"]
-                log.warning("%s: its LR schedule for %r is dropped (scheduler=constant); the learning rate is "
-                            "now the configured %g", path, key, self.optimizers[key].defaults["lr"])
+            for key in sorted(set(self.optimizers) - set(self.schedulers)):
+                # scheduler=constant: train on at the configured rate (the restored state holds the
+                # checkpoint's last rate); the resume check let only optimizer.lr differ here
+                configured, opt = self.optimizers[key].defaults["lr"], self.optimizers[key]
+                restored = opt.param_groups[0]["lr"]
+                for group in opt.param_groups:
+                    group["lr"] = configured
+                name = "optimizer.lr" if key == "model" else f"optimizer.{key}.lr"
+                if key in saved_scheds:
+                    log.warning("%s: its LR schedule for %r is dropped (scheduler=constant); the learning rate is "
+                                "now the configured %s=%g (it was %g)", path, key, name, configured, restored)
+                elif restored != configured:
+                    log.warning("%s: the learning rate is now the configured %s=%g (the checkpoint trained at %g)",
+                                path, name, configured, restored)
             self.scaler.load_state_dict(state["scaler"])
             self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
             self.best, self.acc = dict(state["best"]), dict(state["accumulators"])
@@ -307,6 +316,14 @@ class Trainer:
                 f"{path} was written at batch {self.batch_in_epoch} of an epoch, but this config has "
                 f"{self.per_epoch} batches per epoch; pass the same data.batch_size and trainer.limit_train_batches")
         log.info("resumed from %s %s", path, self._position())
+
+    def _length_change(self, state: dict) -> str:
+        """Which setting makes this run's schedule another length than the checkpoint's."""
+        ours, theirs = flatten(self.config), flatten(state.get("config") or {})
+        changed = [f"{k}={ours.get(k)} here but {theirs.get(k)} in the checkpoint"
+                   for k in ("trainer.max_epochs", "trainer.limit_train_batches", "data.batch_size")
+                   if ours.get(k) != theirs.get(k)]
+        return "; ".join(changed) or f"an epoch is {self.per_epoch} batches here: the training set changed size"
 
     def _adopt_best(self, source: Path) -> None:
         """Resuming into a folder without the run's best.ckpt: take it from beside the checkpoint

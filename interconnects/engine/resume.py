@@ -25,14 +25,57 @@ def model_differences(config: dict, saved: dict) -> list[str]:
     return [f"{k}={ours.get(k)!r} here but {theirs.get(k)!r} in the checkpoint" for k in keys if ours.get(k) != theirs.get(k)]
 
 
+#: Settings the restored state would silently override: the RNG states, the data order and the
+#: position in it (``seed``, the validation split, the batches of an epoch). The optimizer's and the
+#: schedule's settings are compared too (see :func:`resume_differences`); the schedule's length
+#: (``trainer.max_epochs``, ``trainer.limit_train_batches``) is checked in steps when it is restored.
+RUN_KEYS = ("seed", "data.batch_size", "data.val_fraction", "data.split_seed")
+
+
+def _constant_rate(flat: dict) -> bool:
+    """Whether ``flat`` (a flattened config) trains at a constant rate (``scheduler=constant``)."""
+    targets = [v for k, v in flat.items() if k.startswith("scheduler.") and k.endswith("_target_")]
+    return all(t is None for t in targets)
+
+
+def resume_differences(config: dict, saved: dict) -> list[str]:
+    """``key=value`` of the settings where ``config`` differs from the checkpoint's ``saved`` config
+    and the restored state would override this run's value: :data:`RUN_KEYS`, every ``optimizer.*``
+    key (its state holds the rates, betas, weight decay) and, while a schedule is kept, every
+    ``scheduler.*`` key. With ``scheduler=constant`` the schedule is dropped and ``optimizer.lr``
+    applies as configured."""
+    from ..config import flatten
+
+    ours, theirs = flatten(config), flatten(saved or {})
+    constant = _constant_rate(ours)
+
+    def compared(key: str) -> bool:
+        if key in RUN_KEYS:
+            return True
+        if key.startswith("optimizer."):
+            return not (constant and key.rsplit(".", 1)[-1] == "lr")
+        return not constant and key.startswith("scheduler.")
+
+    keys = sorted(k for k in set(ours) | set(theirs) if compared(k))
+    return [f"{k}={ours.get(k)!r} here but {theirs.get(k)!r} in the checkpoint" for k in keys if ours.get(k) != theirs.get(k)]
+
+
 def check_resume(task, state: dict, config: dict, ckpt_path) -> None:
     """A checkpoint resumes only the model that wrote it: the model-defining settings must equal the
-    checkpoint's own (``interconnect=knn`` on a grid run is refused, naming the keys), and its
-    weights must load into the model built here."""
+    checkpoint's own (``interconnect=knn`` on a grid run is refused, naming the keys), so must the
+    settings its restored state would override (:func:`resume_differences`), and its weights must
+    load into the model built here."""
     diffs = model_differences(config, state.get("config") or {})
     if diffs:
         raise ValueError(f"ckpt_path={ckpt_path} was written by another model ({'; '.join(diffs[:3])}); "
                          "resume with the run's own settings, or start a new run from its weights with init_from=")
+    diffs = resume_differences(config, state.get("config") or {})
+    if diffs:
+        raise ValueError(
+            f"ckpt_path={ckpt_path}: a resume continues the checkpoint's own optimizer, schedule and data order, "
+            f"which would override {'; '.join(diffs[:4])}; resume with the run's own values, train on at a "
+            "constant rate with scheduler=constant (optimizer.lr and trainer.max_epochs then apply), or start a "
+            "new run from its weights with init_from=")
     try:
         task.load_state_dict(state["model"])
     except RuntimeError as exc:
