@@ -1,10 +1,11 @@
 """Superpixels: one node per SLIC region of the input image, its features pooled over the region.
 
 SLIC (Achanta et al., TPAMI 2012) is k-means over colour and position, each pixel choosing among
-the seed centres around it. Here it is batched tensor code: the whole batch is segmented at once,
-each of a fixed number of iterations comparing every pixel with the 3×3 seed centres around its own
-seed cell (one gather of ``[B, H·W, 9, D]``), so it runs on the CPU and the GPU alike and never loops
-over images or regions.
+the seed centres near it. Here it is batched tensor code: the whole batch is segmented at once, each
+of a fixed number of iterations comparing every pixel with the four seed centres whose grid places
+surround it (the original SLIC's ``2S × 2S`` search window, for seeds at their grid places), by a few
+broadcast products over ``[B, quads, pixels per quad]``, so it runs on the CPU and the GPU alike and
+never loops over images or regions.
 
 The seeds lie on the same regular grid as ``skimage.segmentation.slic`` places them, and the distance
 is its own: ``|Δcolour|² / compactness² + |Δposition|² / step²``, with colour the image in ``[0, 1]``
@@ -292,8 +293,17 @@ class Superpixels(nn.Module):
     # ---- segmentation --------------------------------------------------------------------------
     @torch.no_grad()
     def segment(self, image: Tensor) -> Tensor:
-        """``image [B, C, H, W] -> regions [B, H, W]`` long in ``[0, S)``: batched SLIC, then
-        connectivity. Not differentiable (a region choice is discrete)."""
+        """``image [B, C, H, W] -> regions [B, H, W]`` long in ``[0, S)``: batched SLIC
+        (:meth:`cluster`), then :func:`enforce_connectivity`. Not differentiable (a region choice is
+        discrete)."""
+        labels = self.cluster(image)
+        s = seed_layout(*image.shape[-2:], self.num_segments, image.device).seeds.shape[0]
+        return enforce_connectivity(labels, s, self.min_size_factor * labels[0].numel() / s)
+
+    @torch.no_grad()
+    def cluster(self, image: Tensor) -> Tensor:
+        """The SLIC k-means alone: ``image [B, C, H, W] -> [B, H, W]`` long, the seed each pixel chose
+        in the last iteration among the four seeds around it (regions may be in pieces)."""
         if image.dim() != 4:
             raise ValueError(f"image must be a 4-D tensor [B, C, H, W], got shape {tuple(image.shape)}")
         b, _, h, w = image.shape
@@ -338,8 +348,7 @@ class Superpixels(nn.Module):
             centres = torch.where(count > 0, sums / count.clamp_min(1), centres)  # an empty one stays put
         if labels is None:  # iterations ≥ 1 is checked in __init__
             raise ValueError("iterations must be ≥ 1")
-        min_size = self.min_size_factor * h * w / s
-        return enforce_connectivity(labels.view(b, h, w), s, min_size)
+        return labels.view(b, h, w)
 
     # ---- the graph -----------------------------------------------------------------------------
     def forward(self, fmap: Tensor, image: Tensor | None = None) -> RegionGraphBatch:
