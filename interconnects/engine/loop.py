@@ -9,6 +9,7 @@ weights.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -56,12 +57,45 @@ def check_trainer_config(cfg) -> None:
     resolve_device(cfg.device)
 
 
+class OneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
+    """torch's one-cycle schedule for any number of steps. torch interpolates each phase over its
+    length in steps and divides by zero when a phase spans none (5 steps with ``pct_start=0.2``
+    warm up in zero steps, 1 step in none at all; ``pct_start=1`` leaves no annealing): such a
+    phase is complete at its first step. Every other step's learning rate and momentum are torch's."""
+
+    def get_lr(self) -> list[float]:
+        step = self.last_epoch
+        if step > self.total_steps:
+            raise ValueError(f"Tried to step {step} times. The specified number of total steps is {self.total_steps}")
+        lrs = []
+        for group in self.optimizer.param_groups:
+            start = 0.0
+            for i, phase in enumerate(self._schedule_phases):
+                end = phase["end_step"]
+                if step <= end or i == len(self._schedule_phases) - 1:
+                    pct = (step - start) / (end - start) if end != start else 1.0
+                    break
+                start = end
+            lrs.append(self._anneal_func(group[phase["start_lr"]], group[phase["end_lr"]], pct))
+            if self.cycle_momentum:
+                momentum = self._anneal_func(group[phase["start_momentum"]], group[phase["end_momentum"]], pct)
+                if self.use_beta1:
+                    group["betas"] = (momentum, *group["betas"][1:])
+                else:
+                    group["momentum"] = momentum
+        return lrs
+
+
 def make_scheduler(factory, optimizer, total_steps: int):
     """Build a step-interval LR scheduler from a ``_partial_`` factory, passing the run's total
-    steps to whichever of ``total_steps`` / ``T_max`` it takes and is not set, and ``max_lr`` (the
-    optimizer's own learning rates) to a scheduler that takes it and is not given one."""
+    steps (the training steps that will happen, whatever their count) to whichever of
+    ``total_steps`` / ``T_max`` it takes and is not set, and ``max_lr`` (the optimizer's own
+    learning rates) to a scheduler that takes it and is not given one. torch's ``OneCycleLR`` is
+    built as :class:`OneCycleLR`, which takes any step count."""
     if factory is None:
         return None
+    if factory.func is torch.optim.lr_scheduler.OneCycleLR:
+        factory = functools.partial(OneCycleLR, *factory.args, **factory.keywords)
     params = inspect.signature(factory.func).parameters
     given = set(factory.keywords)
     extra = {k: total_steps for k in ("total_steps", "T_max") if k in params and k not in given}
