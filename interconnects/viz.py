@@ -210,6 +210,9 @@ def graph_pictures(
     pictures: dict[str, Tensor] = {}
     marked = [draw_keypoints(canvas[i], xy[i : i + 1], colors=KEYPOINT_COLOR, radius=radius) for i in range(b)]
     pictures["graph/keypoints"] = _tile(marked, nrow=b)
+    regions = getattr(graph, "regions", None)
+    if regions is not None:  # region graphs (superpixels): the regions' boundaries over the input
+        pictures["graph/regions"] = _tile(region_boundaries(canvas, regions.cpu()), nrow=b)
 
     if scores is not None:
         heat = colorize(scores[:, 0].cpu())  # [B, 3, h, w]
@@ -248,6 +251,19 @@ def graph_pictures(
     matrix = F.interpolate(matrix, scale_factor=upscale_factor((n, n), min_size), mode="nearest")
     pictures["graph/adjacency"] = matrix[0].clamp(0, 1)
     return pictures
+
+
+def region_boundaries(canvas: Tensor, regions: Tensor, color: tuple[int, int, int] = KEYPOINT_COLOR) -> Tensor:
+    """Region boundaries drawn over the input: ``canvas [B, 3, H·u, W·u]`` uint8 (:func:`to_canvas`)
+    and ``regions [B, H, W]`` (the region of each input pixel) → ``[B, 3, H·u, W·u]`` uint8, every
+    picture pixel whose right or lower neighbour lies in another region painted ``color``."""
+    factor = canvas.shape[-1] // regions.shape[-1]
+    big = regions.repeat_interleave(factor, 1).repeat_interleave(factor, 2)  # [B, H·u, W·u]
+    edge = torch.zeros(big.shape, dtype=torch.bool)
+    edge[:, :, :-1] |= big[:, :, 1:] != big[:, :, :-1]
+    edge[:, :-1, :] |= big[:, 1:, :] != big[:, :-1, :]
+    paint = torch.tensor(color, dtype=torch.uint8).view(1, 3, 1, 1)
+    return torch.where(edge.unsqueeze(1), paint, canvas)
 
 
 def confusion_figure(confusion: Tensor, class_names: Sequence[str] | None = None) -> Figure:
