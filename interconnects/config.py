@@ -1,20 +1,24 @@
 """Typed schemas for the Hydra configs, and the resolvers they use.
 
-The schemas make Hydra reject a wrong type or an unknown key at composition, with its own message.
-Model parts (backbone, interconnect, gnn, decoder, task, optimizer, scheduler) are ``_target_`` nodes
+The schemas make Hydra reject a wrong type or an unknown key at composition, with its own message;
+a key added with ``+`` (which Hydra lets past the schema) is refused by :func:`unknown_key_error`
+before the run starts, naming the close match. Model parts (backbone, interconnect, gnn, decoder, task, optimizer, scheduler) are ``_target_`` nodes
 checked by the classes they build. This module imports no torch, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import os
+import shutil
 import secrets
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
@@ -98,6 +102,7 @@ class TrainConfig:
     trust: list = field(default_factory=list)  # modules outside the package a resume may build classes from
     optimized_metric: Optional[str] = None  # null: the task's monitored metric (val/acc, val/psnr, val/fid)
     tags: list = field(default_factory=list)
+    overwrite: bool = False  # a new run may replace the run already in its hydra.run.dir
 
 
 @dataclass
@@ -158,9 +163,99 @@ def _output_subdir(ckpt_path: Optional[str]) -> Optional[str]:
     return None if _resumed_run(ckpt_path) is not None else ".hydra"
 
 
+#: The schema of each entry point's config (``hydra.job.config_name``).
+SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig}
+
+
+def unknown_keys(config: dict, schema) -> list[tuple[str, list[str]]]:
+    """``[(dotted key, the keys its parent accepts)]`` for each key of ``config`` (a plain dict) that
+    the dataclass ``schema`` does not declare. The groups typed ``Any`` (the ``_target_`` parts:
+    backbone, interconnect, gnn, ...) take any key; the classes they build check them."""
+    hints = get_type_hints(schema)
+    found = []
+    for key, value in config.items():
+        if key not in hints:
+            found.append((str(key), sorted(hints)))
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += [(f"{key}.{k}", names) for k, names in unknown_keys(value, hints[key])]
+    return found
+
+
+def unknown_key_error(config, config_name: str, overrides: list[str]) -> Optional[str]:
+    """One line naming the first key of the composed ``config`` (Hydra's own node left out) that the
+    schema of ``config_name`` does not know, as written on the command line (``+interconect=knn``),
+    with the close match (``interconnect=knn``); ``None`` when every key is known."""
+    schema = SCHEMAS.get(config_name)
+    if schema is None:
+        return None
+    plain = OmegaConf.to_container(config, resolve=False)
+    plain.pop("hydra", None)
+    found = unknown_keys(plain, schema)
+    if not found:
+        return None
+    key, names = found[0]
+    parent, _, leaf = key.rpartition(".")
+    written = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), key)
+    close = difflib.get_close_matches(leaf, names, n=1)
+    hint = ""
+    if close:
+        fixed = f"{parent}.{close[0]}" if parent else close[0]
+        hint = f"; did you mean {written.lstrip('+~').replace(key, fixed, 1)}?"
+    return (f"{written}: {'the config' if not parent else parent} has no key {leaf!r}{hint} "
+            f"(its keys: {', '.join(names)})")
+
+
+#: What a training run writes into its directory (``overwrite=true`` removes these, nothing else).
+RUN_OUTPUTS = (".hydra", "checkpoints", "tensorboard", "pictures", "metrics.json", "job.json", "error.txt", "train.log")
+
+
+def held_run(path: str | Path) -> list[str]:
+    """The names of ``path``'s entries that show it holds a run (empty: a new run may use it)."""
+    folder = Path(path)
+    found = [name for name in (".hydra", "checkpoints", "metrics.json", "job.json") if (folder / name).exists()]
+    log_file = folder / "train.log"
+    if log_file.is_file() and log_file.stat().st_size > 0:
+        found.append("train.log")
+    return found
+
+
 class OutputDirCheck(Callback):
-    """Makes the run (or sweep) directory before Hydra does, so that an unwritable one stops the
-    run with one line instead of a traceback."""
+    """Before Hydra writes anything: refuses a key the schema does not know (added with ``+``) and a
+    new run pointed at a directory that holds a run (``overwrite=true`` replaces it); then makes the
+    run (or sweep) directory, so that an unwritable one stops the run with one line instead of a
+    traceback."""
+
+    @staticmethod
+    def _refuse(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_SETTING)
+
+    def _check_keys(self, config) -> None:
+        overrides = list(config.hydra.overrides.task)
+        message = unknown_key_error(config, str(config.hydra.job.config_name), overrides)
+        if message:
+            self._refuse(message)
+
+    def _check_reuse(self, config) -> None:
+        """A new run (no ``ckpt_path``) in a directory that holds a run would replace its checkpoints
+        and append to its log: refused, unless ``overwrite=true`` (then the old run's files go first)."""
+        if "overwrite" not in config or config.get("ckpt_path") or int(os.environ.get("RANK", "0") or 0) != 0:
+            return
+        run_dir = Path(str(config.hydra.run.dir))
+        found = held_run(run_dir)
+        if not found:
+            return
+        if not config.overwrite:
+            self._refuse(f"hydra.run.dir={run_dir} already holds a run ({', '.join(found)}); resume it with "
+                         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}, choose another hydra.run.dir, "
+                         "or replace it with overwrite=true")
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+        print(f"overwrite=true: the run in {run_dir} was removed; a new run starts there")
 
     @staticmethod
     def _make(key: str, path: str) -> None:
@@ -174,9 +269,12 @@ class OutputDirCheck(Callback):
             sys.exit(EXIT_BAD_SETTING)
 
     def on_run_start(self, config, **kwargs) -> None:
+        self._check_keys(config)
+        self._check_reuse(config)
         self._make("hydra.run.dir", config.hydra.run.dir)
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        self._check_keys(config)  # (each job's own overrides are checked as the job starts)
         self._make("hydra.sweep.dir", config.hydra.sweep.dir)
 
 

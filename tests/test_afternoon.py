@@ -238,3 +238,67 @@ def test_a_constant_rate_resume_applies_and_records_the_configured_rate(cli, fin
         recorded = OmegaConf.load(run / ".hydra" / "config.yaml")
         assert recorded.optimizer.lr == lr and recorded.scheduler._target_ is None  # what the record says
         assert f"now the configured optimizer.lr={lr:g}" in proc.stdout + proc.stderr
+
+
+# ---- 2. a new run never overwrites the run already in its directory, unless told to ---------------------------
+
+def test_a_new_run_in_a_directory_holding_a_run_is_refused_and_changes_nothing(cli, finished_run, tmp_path):
+    run = _copy_run(finished_run, tmp_path)
+    before = tree_digest(run)
+    proc = cli("train.py", *SHORT, "trainer.max_epochs=1", f"hydra.run.dir={run}")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = _error_line(proc)
+    assert f"hydra.run.dir={run} already holds a run" in line
+    assert f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in line and "overwrite=true" in line
+    assert tree_digest(run) == before
+
+
+def test_overwrite_true_replaces_the_run_in_the_directory(cli, finished_run, tmp_path):
+    run = _copy_run(finished_run, tmp_path)
+    (run / "notes.txt").write_text("mine")  # not a run's file: stays
+    old_best = (run / "checkpoints" / "best.ckpt").read_bytes()
+    proc = cli("train.py", *SHORT, "trainer.max_epochs=1", "seed=3", "overwrite=true", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "checkpoints" / "best.ckpt").read_bytes() != old_best
+    log = (run / "train.log").read_text()
+    assert log.count("run directory:") == 1  # one run in the log, not two
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").seed == 3
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+# ---- 3. keys the schema does not know are refused, "+" or not ------------------------------------------------
+
+@pytest.mark.parametrize(("override", "hint"), [
+    ("+interconect=knn", "did you mean interconnect=knn?"),
+    ("+trainer.max_epoch=2", "did you mean trainer.max_epochs=2?"),
+    ("+trainer.foo=1", "trainer has no key 'foo'"),
+    ("+data.val_fractoin=0.2", "did you mean data.val_fraction=0.2?"),
+], ids=["group", "trainer", "no-match", "data"])
+def test_an_added_key_the_schema_does_not_know_is_refused_at_composition(cli, tmp_path, override, hint):
+    run = tmp_path / "run"
+    proc = cli("train.py", *SHORT, override, f"hydra.run.dir={run}")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = _error_line(proc)
+    assert line.startswith(f"error: {override}: ") and hint in line, line
+    assert not run.exists()  # refused before Hydra made or wrote anything
+
+
+def test_an_unknown_key_on_a_resume_leaves_the_run_byte_identical(cli, finished_run, tmp_path):
+    run = _copy_run(finished_run, tmp_path)
+    before = tree_digest(run)
+    proc = cli("train.py", *SHORT, "trainer.max_epochs=1", "+trainer.foo=1", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert proc.returncode == 2
+    assert "trainer has no key 'foo'" in _error_line(proc)
+    assert tree_digest(run) == before
+
+
+def test_the_target_groups_still_take_keys_of_their_own(cli, tmp_path):
+    # AdamW's own amsgrad, added to the optimizer group with "+": the group is free, the class checks it
+    run = tmp_path / "run"
+    proc = cli("train.py", *SHORT, "trainer.max_epochs=1", "+optimizer.amsgrad=true", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").optimizer.amsgrad is True

@@ -53,6 +53,7 @@ def guarded(fn, cfg: DictConfig):
             return done[0]
     try:
         if job.multirun:
+            job.check_keys(cfg)
             job.share_machine(cfg)
             job.resume_from_own_checkpoint(cfg)
             job.save_before_requeue()
@@ -184,6 +185,17 @@ class SweepJob:
                 f"({' '.join(previous.get('overrides') or [])}); launch the same sweep again, or use a new hydra.sweep.dir")
         cfg.ckpt_path = str(last)
         log.info("job %d resumes from its own %s", self.num, last)
+
+    def check_keys(self, cfg: DictConfig) -> None:
+        """A key this job's overrides add (``+interconect=knn``) that the schema does not know fails the
+        job, naming the close match (a single run is refused before Hydra writes anything)."""
+        from hydra.core.hydra_config import HydraConfig
+
+        from ..config import ConfigError, unknown_key_error
+
+        message = unknown_key_error(cfg, str(HydraConfig.get().job.config_name), self.overrides)
+        if message:
+            raise ConfigError(message)
 
     def share_machine(self, cfg: DictConfig) -> None:
         """Jobs run side by side by ``hydra/launcher=joblib`` share the machine: on the CPU each takes
