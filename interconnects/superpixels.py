@@ -101,6 +101,8 @@ class SeedLayout(NamedTuple):
     blocked: Tensor  # [Q, 4] float: +inf for the candidates that fall off the seed grid, else 0
     members: Tensor  # [Q·P] long: the pixels of each quad, padded with the quad's first pixel
     slot: Tensor  # [H·W] long: where each pixel sits in ``members``
+    first: Tensor  # [Q] long: the id its first candidate would have on an unbounded seed grid
+    shift: tuple[int, int, int, int]  # the other candidates' ids from the first: 0, 1, gw, gw + 1
 
 
 @functools.lru_cache(maxsize=32)
@@ -130,7 +132,9 @@ def _seed_layout(height: int, width: int, num_segments: int, device: str) -> See
     members = order[first.clamp(max=height * width - 1)].repeat_interleave(p)  # padding: a pixel of the quad
     members[slot] = torch.arange(height * width)
     to = torch.device(device)
-    return SeedLayout(seeds.to(to), step, cand.to(to), blocked.to(to), members.to(to), slot.to(to))
+    first = ((torch.arange(gh + 1) - 1).view(-1, 1) * gw + (torch.arange(gw + 1) - 1).view(1, -1)).flatten()
+    return SeedLayout(seeds.to(to), step, cand.to(to), blocked.to(to), members.to(to), slot.to(to), first.to(to),
+                      (0, 1, gw, gw + 1))
 
 
 def seed_layout(height: int, width: int, num_segments: int, device=None) -> SeedLayout:
@@ -321,31 +325,36 @@ class Superpixels(nn.Module):
         # |f - c|² = |f|² - 2 f·c + |c|², where |f|² does not change which seed is nearest
         q = grid.cand.shape[0]
         cells = feats.index_select(2, grid.members).view(b, d, q, -1).transpose(0, 1).contiguous()  # [D, B, Q, P]
+        real = torch.zeros(q * cells.shape[-1], device=device).index_fill_(0, grid.slot, 1.0)  # not padding
+        real = real.view(1, q, -1).expand(b, -1, -1).flatten()
+        weighted = [(cells[i].flatten() * real) for i in range(d)]  # padding weighs nothing in the means
         centres = feats[:, :, seeds[:, 0] * w + seeds[:, 1]]  # [B, D, S]
-        offsets = (torch.arange(b, device=device) * s).view(b, 1)
-        quad_base = (torch.arange(q, device=device) * 4).view(1, q, 1)
-        labels = None
+        # the winning candidate's seed id is the quad's first candidate plus its offset on the seed grid
+        # (candidates off the grid score +inf and never win, so their clamped ids do not matter)
+        offsets = (torch.arange(b, device=device) * s).view(b, 1, 1)
+        base = grid.first.view(1, q, 1) + offsets  # [B, Q, 1] the first candidate's id in the batch
+        labels = nearest = None
         for _ in range(self.iterations):  # a loop over iterations; each is over the whole batch
             near = centres.index_select(2, grid.cand.flatten()).view(b, d, q, 4)  # the quads' candidates
             weight = (-2 * near).unsqueeze(-1)  # [B, D, Q, 4, 1]
             bias = (near.pow(2).sum(1) + grid.blocked).unsqueeze(-1)  # [B, Q, 4, 1]
-            best = choice = None
+            best = None
             for j in range(4):  # the four candidates: a few passes over [B, Q, P] each
                 score = torch.addcmul(bias[:, :, j], cells[0], weight[:, 0, :, j])
                 for i in range(1, d):
                     score.addcmul_(cells[i], weight[:, i, :, j])
                 if best is None:
-                    best, choice = score, torch.zeros(score.shape, dtype=torch.uint8, device=device)
+                    best, nearest = score, base.expand(score.shape)
                 else:
-                    choice.masked_fill_(score < best, j)
+                    nearest = torch.where(score < best, base + grid.shift[j], nearest)
                     best = torch.minimum(best, score)
-            nearest = grid.cand.flatten().index_select(0, (quad_base + choice).flatten()).view(b, -1)
-            labels = nearest.index_select(1, grid.slot)  # [B, H·W] the seed each pixel chose
-            flat = (labels + offsets).flatten()
-            count = torch.bincount(flat, minlength=b * s).view(b, 1, s)
-            sums = torch.stack([torch.bincount(flat, feats[:, i].flatten(), minlength=b * s) for i in range(d)])
+            flat = nearest.flatten()  # [B·Q·P] ids into the batch's B·S seeds
+            count = torch.bincount(flat, real, minlength=b * s).view(b, 1, s)
+            sums = torch.stack([torch.bincount(flat, weighted[i], minlength=b * s) for i in range(d)])
             sums = sums.view(d, b, s).transpose(0, 1).to(feats.dtype)  # [B, D, S]
             centres = torch.where(count > 0, sums / count.clamp_min(1), centres)  # an empty one stays put
+        if nearest is not None:
+            labels = (nearest - offsets).view(b, -1).index_select(1, grid.slot)  # [B, H·W] each pixel's seed
         if labels is None:  # iterations ≥ 1 is checked in __init__
             raise ValueError("iterations must be ≥ 1")
         return labels.view(b, h, w)

@@ -15,6 +15,14 @@ Before timing, the reference's node features, edges and output map are checked a
     python scripts/bench_interconnects.py                 # batch 64, C = 64, maps 7², 14², 28²
     python scripts/bench_interconnects.py --quick         # a small smoke run
     python scripts/bench_interconnects.py --device cuda   # the GPU table
+    python scripts/bench_interconnects.py --only superpixels   # batched SLIC against skimage, image by image
+
+The superpixel rows segment 128 MNIST digits and 128 CIFAR-10 images (read in place from
+``../shared/datasets``) with :class:`interconnects.Superpixels`'s batched SLIC and with
+``skimage.segmentation.slic`` called image by image (a development dependency), and say how well the
+two agree: boundary recall (the share of skimage's boundary pixels that ours has within one pixel)
+and achievable segmentation accuracy (the share of pixels whose region of ours lies mostly in the same
+skimage region).
 """
 
 from __future__ import annotations
@@ -29,13 +37,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from interconnects import DenseGrid, GraphToCNN, Keypoints, KNNGraph  # noqa: E402
+from interconnects import DenseGrid, GraphToCNN, Keypoints, KNNGraph, Superpixels  # noqa: E402
 from interconnects.engine.device import describe_machine  # noqa: E402
 from interconnects.knn import knn_indices  # noqa: E402
 from interconnects.models.gnn import GNNHead  # noqa: E402
 from interconnects.console import run_script  # noqa: E402
 
 KNN_K = 8
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+#: (dataset, regions asked for, compactness): the superpixel benchmark's settings
+SUPERPIXEL_ROWS = (("MNIST", 75, 0.25), ("CIFAR-10", 150, 10.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +411,97 @@ def bench_topk(size: int, batch: int, device: torch.device, repeats: int, warmup
         print(f"| {name} | {t:.2f} |")
 
 
+# ---------------------------------------------------------------------------------------------
+# superpixels: batched SLIC against skimage, image by image
+# ---------------------------------------------------------------------------------------------
+def load_mnist(root: Path, count: int) -> torch.Tensor:
+    """The first ``count`` test digits of ``root/mnist/MNIST/raw`` (else the sample's): ``[count, 1, 28, 28]`` in [0, 1]."""
+    import gzip
+
+    import numpy as np
+
+    for folder in ("mnist", "mnist-sample"):
+        path = root / folder / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+        if path.exists():
+            with gzip.open(path) as f:
+                data = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:count]
+            return torch.tensor(data.astype(np.float32) / 255).unsqueeze(1)
+    raise SystemExit(f"error: no MNIST IDX files under {root}/mnist or {root}/mnist-sample; set --data-root DIR")
+
+
+def load_cifar(root: Path, count: int) -> torch.Tensor:
+    """``count`` CIFAR-10 test JPEGs of ``root/cifar10-jpeg/test`` (the first of each class in turn): ``[count, 3, 32, 32]``."""
+    import numpy as np
+    from PIL import Image
+
+    classes = sorted(p for p in (root / "cifar10-jpeg" / "test").glob("*") if p.is_dir())
+    if not classes:
+        raise SystemExit(f"error: no CIFAR-10 JPEG folders under {root}/cifar10-jpeg/test; set --data-root DIR")
+    files = [sorted(c.glob("*.jpg")) for c in classes]
+    picked = [files[i % len(files)][i // len(files)] for i in range(count)]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in picked])
+    return torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2).contiguous()
+
+
+def boundary(regions: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]`` bool: pixels whose right or lower neighbour lies in another region."""
+    edge = torch.zeros(regions.shape, dtype=torch.bool)
+    edge[:, :, :-1] |= regions[:, :, 1:] != regions[:, :, :-1]
+    edge[:, :-1] |= regions[:, 1:] != regions[:, :-1]
+    return edge
+
+
+def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float, float]:
+    """(boundary recall on the pixel, within one pixel, achievable segmentation accuracy) of ``ours``
+    against ``theirs`` (both ``[B, H, W]`` region ids)."""
+    ours, theirs = ours.cpu().long(), theirs.cpu().long()
+    edge = boundary(ours)
+    near = torch.nn.functional.max_pool2d(edge.float().unsqueeze(1), 3, 1, 1).squeeze(1) > 0
+    truth = boundary(theirs)
+    exact = float((edge & truth).sum()) / max(1, int(truth.sum()))
+    recall = float((near & truth).sum()) / max(1, int(truth.sum()))
+    b = ours.shape[0]
+    so, st = int(ours.max()) + 1, int(theirs.max()) + 1
+    flat = (torch.arange(b).view(b, 1) * so * st + ours.flatten(1) * st + theirs.flatten(1)).flatten()
+    overlap = torch.bincount(flat, minlength=b * so * st).view(b, so, st)
+    return exact, recall, float(overlap.amax(2).sum()) / ours.numel()
+
+
+def bench_superpixels(root: Path, batch: int, device: torch.device, repeats: int, warmup: int) -> None:
+    import numpy as np
+    from skimage.segmentation import slic
+
+    print(f"\nSuperpixels: {batch} images, batched SLIC (ours, {device.type}) against skimage.segmentation.slic "
+          "image by image on the CPU, both 10 iterations with connectivity enforced, median of "
+          f"{repeats} after {warmup} warm-up (ms):\n")
+    print("| images | regions asked | nodes | regions (ours / skimage, mean) | ours (ms) | skimage (ms) | skimage/ours "
+          "| boundary recall (exact / 1 px) | ASA |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, segments, compactness in SUPERPIXEL_ROWS:
+        images = load_mnist(root, batch) if name == "MNIST" else load_cifar(root, batch)
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        images = (images - low) / (high - low).clamp_min(1e-12)  # both see the same [0, 1] images
+        arrays = [im.permute(1, 2, 0).double().numpy() for im in images]
+        channel_axis = None if images.shape[1] == 1 else -1
+        arrays = [a[..., 0] for a in arrays] if channel_axis is None else arrays
+        sp = Superpixels(num_segments=segments, compactness=compactness, iterations=10).to(device)
+        on_device = images.to(device)
+
+        def theirs():
+            return np.stack([slic(a, n_segments=segments, compactness=compactness, channel_axis=channel_axis,
+                                  start_label=0, max_num_iter=10) for a in arrays])
+
+        t_ours, t_theirs = time_group([lambda: sp.segment(on_device), theirs], device, repeats, warmup)
+        ours_regions = sp.segment(on_device).cpu()
+        their_regions = torch.from_numpy(theirs())
+        exact, recall, asa = agreement(ours_regions, their_regions)
+        count = lambda r: float(np.mean([len(torch.unique(x)) for x in r]))  # noqa: E731
+        nodes = sp(on_device).num_nodes
+        print(f"| {batch} {name} | {segments} | {nodes} | {count(ours_regions):.1f} / {count(their_regions):.1f} "
+              f"| {t_ours:.1f} | {t_theirs:.1f} | {t_theirs / t_ours:.1f}× | {exact:.3f} / {recall:.3f} | {asa:.3f} |", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -410,7 +512,11 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="feature-map sides (default 7 14 28)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--only", choices=["knn_gcn"], default=None, help="only the kNN + GCN row (and the top-k table)")
+    parser.add_argument("--only", choices=["knn_gcn", "superpixels"], default=None,
+                        help="only the kNN + GCN row (and the top-k table), or only the superpixel rows")
+    parser.add_argument("--data-root", type=Path, default=DATASETS,
+                        help="the shared datasets folder the superpixel rows read (default ../shared/datasets)")
+    parser.add_argument("--superpixel-images", type=int, default=128, help="images per superpixel row (default 128)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -425,6 +531,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
 
     print(describe_machine(device))
+    if args.only == "superpixels":
+        bench_superpixels(args.data_root, args.superpixel_images, device, repeats, warmup)
+        return
     print(
         f"batch {batch}, C = {args.channels}, forward + backward, median of {repeats} after {warmup} warm-up "
         "(ours, reference and floor taking turns); "
@@ -441,6 +550,8 @@ def main(argv=None) -> None:
                 flush=True,
             )
     bench_topk(14 if 14 in sizes else sizes[0], batch, device, repeats, warmup)
+    if args.only is None:
+        bench_superpixels(args.data_root, args.superpixel_images, device, repeats, warmup)
 
 
 if __name__ == "__main__":
