@@ -302,3 +302,24 @@ def test_the_target_groups_still_take_keys_of_their_own(cli, tmp_path):
     from omegaconf import OmegaConf
 
     assert OmegaConf.load(run / ".hydra" / "config.yaml").optimizer.amsgrad is True
+
+
+# ---- 6. evaluate.py: its log holds the report, pictures are named by their split, a wrong path leaves nothing --
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_evaluate_logs_its_report_and_names_pictures_by_split(cli, finished_run, tmp_path, split):
+    out = tmp_path / "eval"
+    proc = cli("evaluate.py", f"ckpt_path={finished_run}", f"split={split}", "limit_batches=2", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "evaluate.log").read_text()
+    assert f"{split}/acc" in log and "checkpoint:" in log and "confusion matrix" in log and "metrics written" in log
+    pictures = sorted(p.name for p in (out / "pictures").iterdir())
+    assert f"{split}_confusion.png" in pictures and "test_confusion.png" not in pictures, pictures
+
+
+def test_evaluate_with_a_wrong_checkpoint_path_leaves_no_directory(cli, tmp_path):
+    out = tmp_path / "eval"
+    proc = cli("evaluate.py", f"ckpt_path={tmp_path / 'nowhere' / 'best.ckpt'}", f"hydra.run.dir={out}")
+    assert proc.returncode == 2
+    assert "nowhere" in _error_line(proc)
+    assert not out.exists()

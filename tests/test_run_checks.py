@@ -160,7 +160,7 @@ def test_evaluate_takes_a_run_directory_and_the_train_split(grid_run, tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert "train/acc" in metrics and "train/acc/0" in metrics and len(metrics["train/confusion"]) == 10
     assert "confusion matrix" in proc.stdout
-    assert (tmp_path / "eval" / "pictures" / "test_confusion.png").is_file()
+    assert (tmp_path / "eval" / "pictures" / "train_confusion.png").is_file()
 
 
 def test_evaluate_help_lists_no_training_groups():

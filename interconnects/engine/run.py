@@ -115,8 +115,19 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate a checkpoint with the model rebuilt from the config stored inside it."""
+    """Evaluate a checkpoint with the model rebuilt from the config stored inside it; the report goes
+    to the console and ``evaluate.log``. An evaluation that fails before writing its metrics leaves no
+    directory behind."""
     mark_composed()
+    run_dir = current_run_dir()
+    try:
+        return _evaluate(cfg, run_dir)
+    except BaseException:
+        remove_if_untouched(run_dir, any_log=True)
+        raise
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     from ..data import build_data, data_info
     from .checkpoint import load_checkpoint, write_json_atomic
     from .device import resolve_device
@@ -139,7 +150,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 run_cfg.data[key] = value
     except Exception as exc:  # noqa: BLE001 - a config the checkpoint holds, not one we composed
         raise ValueError(f"{ckpt_path}: its stored config is not usable ({str(exc).splitlines()[0][:120]})") from None
-    run_dir = current_run_dir()
     task = build_task(run_cfg, data_info(run_cfg.data))
     try:
         task.load_state_dict(state["model"])
@@ -154,18 +164,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     loader = {"test": data.test, "val": data.val}.get(cfg.split) or _unaugmented_train(data)
     metrics, sums = trainer.evaluate(task, loader, cfg.split, cfg.limit_batches)
     width = max(len(k) for k in metrics)
-    print(f"\ncheckpoint: {ckpt_path} (epoch {state.get('epoch')}, step {state.get('step')})")
-    print(f"{'metric':<{width}}  value\n{'-' * width}  ------")
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {value:.4f}")
+    table = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    table += [f"{key:<{width}}  {value:.4f}" for key, value in metrics.items()]
+    log.info("checkpoint: %s (epoch %s, step %s), split=%s\n%s", ckpt_path, state.get("epoch"), state.get("step"),
+             cfg.split, "\n".join(table))
     run_dir.mkdir(parents=True, exist_ok=True)
     if "confusion" in sums:
         confusion = sums["confusion"].cpu()
-        print(f"confusion matrix ({cfg.split}; rows: true class, columns: predicted):\n{confusion.numpy()}")
+        log.info("confusion matrix (%s; rows: true class, columns: predicted):\n%s", cfg.split, confusion.numpy())
         metrics[f"{cfg.split}/confusion"] = confusion.tolist()
-    _save_pictures(task, trainer, data.val if len(data.val.dataset) else data.test, sums, run_dir)
+    _save_pictures(task, trainer, data.val if len(data.val.dataset) else data.test, sums, run_dir, cfg.split)
     write_json_atomic(metrics, run_dir / "metrics.json")
-    print(f"metrics written to {run_dir / 'metrics.json'}")
+    log.info("metrics written to %s", run_dir / "metrics.json")
     return metrics
 
 
@@ -181,9 +191,10 @@ def _unaugmented_train(data):
                       num_workers=data.val.num_workers)
 
 
-def _save_pictures(task, trainer, loader, sums: dict, run_dir: Path) -> None:
+def _save_pictures(task, trainer, loader, sums: dict, run_dir: Path, split: str) -> None:
     """The task's pictures (a GAN's samples, reconstructions, graphs, the confusion matrix) as PNG
-    files in the evaluation's directory."""
+    files in the evaluation's directory; those of the evaluated split are named by it
+    (``val_confusion.png`` for ``split=val``)."""
     import torch
     from torchvision.utils import save_image
 
@@ -192,7 +203,10 @@ def _save_pictures(task, trainer, loader, sums: dict, run_dir: Path) -> None:
     batch = move([t[:8] if isinstance(t, torch.Tensor) else t for t in next(iter(loader))], trainer.device)
     task.eval()
     with torch.no_grad():
-        pictures = {**task.pictures(batch, trainer.forward), **task.test_pictures(sums)}
+        # (test_pictures draws whatever split was summed: its "test/" tags take the evaluated split's name)
+        of_split = {f"{split}/{tag.split('/', 1)[1]}" if tag.startswith("test/") else tag: picture
+                    for tag, picture in task.test_pictures(sums).items()}
+        pictures = {**task.pictures(batch, trainer.forward), **of_split}
     folder = run_dir / "pictures"
     for tag, picture in pictures.items():
         folder.mkdir(parents=True, exist_ok=True)
@@ -201,4 +215,4 @@ def _save_pictures(task, trainer, loader, sums: dict, run_dir: Path) -> None:
             save_image(picture.detach().float().cpu().clamp(0, 1), path)
         else:
             picture.savefig(path, dpi=100, bbox_inches="tight")
-        print(f"picture written to {path}")
+        log.info("picture written to %s", path)

@@ -55,16 +55,18 @@ def is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def remove_if_untouched(run_dir: Path) -> None:
+def remove_if_untouched(run_dir: Path, any_log: bool = False) -> None:
     """A new run that failed before any work leaves no run directory behind (in a sweep it stays:
-    it holds the job's error)."""
+    it holds the job's error). Untouched: nothing but Hydra's ``.hydra/`` and an empty log file
+    (``any_log``: an evaluation's ``evaluate.log``, whatever it holds, which says no more than the
+    error line)."""
     import shutil
 
     if is_multirun() or not run_dir.is_dir():
         return
-    if {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
-        log_file = run_dir / "train.log"
-        if not log_file.exists() or log_file.stat().st_size == 0:
+    logs = {"evaluate.log"} if any_log else {"train.log"}
+    if {p.name for p in run_dir.iterdir()} <= {".hydra", *logs}:
+        if any_log or all(not (run_dir / name).exists() or (run_dir / name).stat().st_size == 0 for name in logs):
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
