@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .image_folder import scan_folder
+from .image_folder import FolderScan, scan_folder
 from .splits import digits_splits, split_keys
 from .tensors import channel_mean_std
-from .torchvision_sets import SPECS
+from .torchvision_sets import CLASS_NAMES, SPECS
 
 AUGMENT = ("none", "crop", "crop_flip", "affine")
 
@@ -47,8 +47,7 @@ def data_info(cfg) -> DataInfo:
     if name == "image_folder":
         if isinstance(cfg, str):
             raise ValueError("data=image_folder needs data.root=DIR, a folder with train/<class>/ and test/<class>/")
-        scan = scan_folder(cfg)
-        return DataInfo(scan.channels, scan.size, len(scan.classes), (), (), scan.classes)
+        return folder_info(scan_folder(cfg))
     if name == "digits":
         size = (size_key, size_key) if size_key else (8, 8)
         channels = channels_key or 1
@@ -57,7 +56,13 @@ def data_info(cfg) -> DataInfo:
     _, channels, size, classes, mean, std, _ = SPECS[name]
     if channels_key and channels_key != channels:
         channels, mean, std = channels_key, (), ()
-    return DataInfo(channels, (size_key, size_key) if size_key else size, classes, mean, std)
+    names = CLASS_NAMES[name] if name.startswith("cifar") else ()
+    return DataInfo(channels, (size_key, size_key) if size_key else size, classes, mean, std, names)
+
+
+def folder_info(scan: FolderScan) -> DataInfo:
+    """:class:`DataInfo` of an image folder's listing (mean and std still empty)."""
+    return DataInfo(scan.channels, scan.size, len(scan.classes), (), (), scan.classes)
 
 
 def check_data_config(cfg) -> None:

@@ -1,49 +1,68 @@
-"""The user's own images: ``DIR/train/<class>/*``, ``DIR/test/<class>/*`` and optionally ``DIR/val/<class>/*``.
+"""The user's own images: ``DIR/train/<class>/*``, ``DIR/test/<class>/*`` and optionally ``DIR/val/<class>/*``;
+and the known datasets (CIFAR-10, CIFAR-100, MNIST, Fashion-MNIST) laid out the same way.
 
-Classes are the folder names (sorted), found and read through torchvision's ``ImageFolder`` (PIL).
-The channel count (grey or RGB) and the image size are taken from the first training image unless
-``data.channels`` / ``data.image_size`` say otherwise; every image is converted to that mode and
-resized (bilinear, antialiased) when its size differs. Mean and standard deviation come from the
-training images and are cached under ``~/.cache/interconnects/image_folder`` (``$XDG_CACHE_HOME``
-honoured), keyed by the files' paths, sizes and modification times, so the data folder may be
-read-only and a changed file invalidates the figures.
+Classes are the folder names (sorted), listed as torchvision's ``ImageFolder`` lists them and read
+with PIL. The channel count (grey or RGB) and the image size are taken from the first training image
+unless ``data.channels`` / ``data.image_size`` say otherwise; every image is converted to that mode
+and resized (bilinear, antialiased) when its size differs. A known dataset's folders must hold its
+classes at its size instead (:func:`scan_class_folders`).
+
+A folder that fits in memory is decoded once, by a process per core, into a uint8 array kept in the
+decoded-image cache (:class:`~interconnects.data.cache.DecodedCache`), so later runs read it back in
+about a second. Mean and standard deviation of the training images are cached under
+``~/.cache/interconnects/image_folder`` (``$XDG_CACHE_HOME`` honoured). Both are keyed by the files'
+paths, sizes and modification times, so the data folder may be read-only and a changed file
+invalidates them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import PIL
 import torch
+import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .cache import DecodedCache, cache_dir
 from .tensors import ChannelMoments, ImageTensors
 
 log = logging.getLogger("interconnects")
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 EXTENSIONS = ", ".join(e.lstrip(".") for e in IMG_EXTENSIONS)
-DECODE_BATCH = 256
+DECODE_CHUNK = 512  # images a decoding task reads
+PARALLEL_FROM = 2048  # folders with fewer images decode with data.num_workers (starting processes costs more)
 
 
 class ImageReader:
     """``path -> uint8 [C, H, W]``: the image at ``path`` as grey (``channels=1``) or RGB, resized to
-    ``size = (H, W)`` when it differs. A file PIL cannot read raises a one-line ``ValueError`` naming it."""
+    ``size = (H, W)`` when it differs (with ``resize=False`` a differing size is refused instead). A
+    file PIL cannot read raises a one-line ``ValueError`` naming it."""
 
-    def __init__(self, channels: int, size: tuple[int, int]) -> None:
-        self.mode = "L" if channels == 1 else "RGB"
-        self.size = tuple(size)
+    def __init__(self, channels: int, size: tuple[int, int], resize: bool = True) -> None:
+        self.channels, self.mode = channels, "L" if channels == 1 else "RGB"
+        self.size, self.resize = tuple(size), resize
 
-    def __call__(self, path: str) -> Tensor:
+    def settings(self) -> dict:
+        """What the decoded pixels depend on besides the files (the key of their cache)."""
+        return {"mode": self.mode, "size": list(self.size), "resize": "bilinear-antialias" if self.resize else None,
+                "pillow": PIL.__version__, "torchvision": torchvision.__version__}
+
+    def array(self, path: str) -> np.ndarray:
+        """The image at ``path`` as uint8 ``[H, W, C]``."""
         try:
             with Image.open(path) as image:
                 image = image.convert(self.mode)
@@ -51,8 +70,14 @@ class ImageReader:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"data.root: cannot read image {path} ({reason}); remove or replace it") from None
         if (image.height, image.width) != self.size:
+            if not self.resize:
+                raise ValueError(f"image {path} is {image.height}×{image.width} pixels, not {self.size[0]}×{self.size[1]}")
             image = TF.resize(image, list(self.size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        return TF.pil_to_tensor(image)
+        pixels = np.array(image)
+        return pixels[..., None] if pixels.ndim == 2 else pixels
+
+    def __call__(self, path: str) -> Tensor:
+        return torch.from_numpy(self.array(path)).permute(2, 0, 1).contiguous()
 
 
 @dataclass
@@ -69,6 +94,22 @@ class FolderScan:
     size: tuple[int, int]
 
 
+def _listing(folder: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """``(classes, samples)`` of ``folder/<class>/**`` as torchvision's ``ImageFolder`` lists them
+    (sorted class folders, image files by extension, subfolders followed), with absolute paths (the
+    keys of the caches); ``FileNotFoundError`` when there is no class folder."""
+    folder = folder.absolute()
+    classes = tuple(sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()))
+    if not classes:
+        raise FileNotFoundError(folder)
+    samples = []
+    for label, name in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(folder / name, followlinks=True)):
+            prefix = dirpath + os.sep
+            samples.extend((prefix + file, label) for file in sorted(names) if file.lower().endswith(IMG_EXTENSIONS))
+    return classes, samples
+
+
 def _list_split(root: Path, split: str) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
     """Classes and samples of ``root/split``; a missing folder, no class folders, no images or an
     empty class folder raises a one-line ``ValueError`` naming the folder."""
@@ -76,17 +117,17 @@ def _list_split(root: Path, split: str) -> tuple[tuple[str, ...], list[tuple[str
     if not folder.is_dir():
         raise ValueError(f"data.root={root}: {folder} is missing; put the images in {folder}/<class>/*.png (or .jpg)")
     try:
-        listing = ImageFolder(str(folder), allow_empty=True)
+        classes, samples = _listing(folder)
     except FileNotFoundError:
         raise ValueError(f"data.root={root}: {folder} has no class folders; put the images in {folder}/<class>/") from None
-    counts = torch.bincount(torch.as_tensor(listing.targets, dtype=torch.long), minlength=len(listing.classes))
+    counts = torch.bincount(torch.as_tensor([label for _, label in samples], dtype=torch.long), minlength=len(classes))
     if int(counts.sum()) == 0:
         raise ValueError(f"data.root={root}: no images in {folder}/<class>/ (looked for {EXTENSIONS})")
-    empty = [name for name, count in zip(listing.classes, counts.tolist()) if count == 0]
+    empty = [name for name, count in zip(classes, counts.tolist()) if count == 0]
     if empty:
         raise ValueError(f"data.root={root}: class folder {folder / empty[0]} has no images "
                          f"(looked for {EXTENSIONS}); add images or remove the folder")
-    return tuple(listing.classes), list(listing.samples)
+    return classes, samples
 
 
 def scan_folder(cfg) -> FolderScan:
@@ -122,47 +163,125 @@ def scan_folder(cfg) -> FolderScan:
     return FolderScan(root, classes, train, splits["val"], splits["test"], channels, size)
 
 
-class _DecodeItems(Dataset):
-    """``i -> (uint8 [C, H, W], error)`` over ``samples``: a file that cannot be read gives zeros
-    and the one-line reason, so a worker process reports it without a traceback."""
+def decode_workers(num_workers: int, count: int) -> int:
+    """Processes that decode ``count`` images: every core of the machine for a large folder (at least
+    ``data.num_workers``), ``data.num_workers`` for a small one (0: in this process)."""
+    if count < PARALLEL_FROM:
+        return num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(num_workers, cores)
+    return 0 if workers == 1 else workers
 
-    def __init__(self, samples: list[tuple[str, int]], reader: ImageReader, channels: int) -> None:
-        self.samples, self.reader = samples, reader
-        self.blank = torch.zeros((channels, *reader.size), dtype=torch.uint8)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
+def _decode_paths(reader: ImageReader, paths: list[str]) -> tuple[np.ndarray, str]:
+    """``(uint8 [B, H, W, C], error)`` of ``paths``; ``error`` is the first unreadable file's one-line
+    reason (``""`` when all were read), so a worker process reports it without a traceback."""
+    out = np.empty((len(paths), *reader.size, reader.channels), np.uint8)
+    for i, path in enumerate(paths):
         try:
-            return self.reader(self.samples[index][0]), ""
+            out[i] = reader.array(path)
         except ValueError as exc:
-            return self.blank, str(exc)
+            return out, str(exc)
+    return out, ""
 
 
-def _stack_decoded(items):
-    return torch.stack([image for image, _ in items]), [error for _, error in items if error]
+def decoded_chunks(samples, reader: ImageReader, workers: int = 0):
+    """Chunks ``uint8 [B, C, H, W]`` of ``samples`` in order, decoded by ``workers`` processes (0: in
+    this one); the first unreadable file raises its one-line ``ValueError``."""
+    paths = [path for path, _ in samples]
+    chunks = [paths[start:start + DECODE_CHUNK] for start in range(0, len(paths), DECODE_CHUNK)]
+    decode = functools.partial(_decode_paths, reader)
+    pool = None
+    if workers > 0 and len(chunks) > 1:
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=context)
+    try:
+        for pixels, error in (pool.map(decode, chunks) if pool else map(decode, chunks)):
+            if error:
+                raise ValueError(error)
+            yield torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _decoded_batches(samples, reader: ImageReader, channels: int, num_workers: int):
-    """Batches ``uint8 [B, C, H, W]`` of ``samples`` in order, decoded by ``num_workers`` processes;
-    the first unreadable file raises its one-line ``ValueError``."""
-    loader = DataLoader(_DecodeItems(samples, reader, channels), batch_size=DECODE_BATCH, num_workers=num_workers,
-                        collate_fn=_stack_decoded)
-    for images, errors in loader:
-        if errors:
-            raise ValueError(errors[0])
-        yield images
-
-
-def decode_samples(samples, reader: ImageReader, channels: int, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+def decode_samples(samples, reader: ImageReader, workers: int = 0) -> tuple[Tensor, Tensor]:
     """``(images uint8 [N, C, H, W], labels long [N])`` of ``samples``, decoded once."""
-    images = torch.empty((len(samples), channels, *reader.size), dtype=torch.uint8)
+    images = torch.empty((len(samples), reader.channels, *reader.size), dtype=torch.uint8)
     start = 0
-    for batch in _decoded_batches(samples, reader, channels, num_workers):
-        images[start:start + len(batch)] = batch
-        start += len(batch)
+    for chunk in decoded_chunks(samples, reader, workers):
+        images[start:start + len(chunk)] = chunk
+        start += len(chunk)
     return images, torch.as_tensor([label for _, label in samples], dtype=torch.long)
+
+
+@dataclass
+class Decoded:
+    """Decoded images ``uint8 [N, C, H, W]`` with their ``labels [N]``; ``cached``: they came from
+    the decoded-image cache; ``key``: what they were decoded from (files, stamp, settings)."""
+
+    images: Tensor
+    labels: Tensor
+    cached: bool
+    key: str
+
+
+def load_decoded(samples, reader: ImageReader, workers: int = 0) -> Decoded:
+    """The decoded images of ``samples`` from the decoded-image cache, else decoded by ``workers``
+    processes and stored there for the next run."""
+    cache = DecodedCache(samples, reader.settings())
+    labels = torch.as_tensor([label for _, label in samples], dtype=torch.long)
+    key = f"{cache.path.stem}:{cache.stamp}"
+    images = cache.load((len(samples), reader.channels, *reader.size))
+    if images is not None:
+        return Decoded(images, labels, True, key)
+    images, _ = decode_samples(samples, reader, workers)
+    cache.store(images)
+    return Decoded(images, labels, False, key)
+
+
+def _preview(names, most: int = 10) -> str:
+    shown = ", ".join(names[:most])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > most else shown
+
+
+def scan_class_folders(root_key: str, name: str, classes: tuple[str, ...], size: tuple[int, int],
+                       alternative: str) -> dict[str, list[tuple[str, int]]]:
+    """The ``(path, label)`` samples of ``train`` and ``test`` of a known dataset laid out as class
+    folders (``root/<split>/<class>/*``): the class folders must be exactly ``classes`` (labels are
+    their index there, the dataset's official order) and the first training image ``size = (H, W)``.
+    A missing split, other classes or another size raise one line saying what was found and what
+    ``data=name`` expects (``alternative``: the other layout it reads)."""
+    root = Path(root_key).expanduser()
+    where = f"data.root={root_key} (data={name})"
+    layout = (f"data={name} reads {root}/train/<class>/* and {root}/test/<class>/* with the {len(classes)} "
+              f"class folders {_preview(classes, 3)}, or {alternative}")
+    index = {label: i for i, label in enumerate(classes)}
+    samples = {}
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise ValueError(f"{where}: {root / split} is missing; {layout}")
+        found, listed = _list_split(root, split)
+        if set(found) != set(classes):
+            missing = [c for c in classes if c not in found]
+            extra = [c for c in found if c not in index]
+            detail = "; ".join(part for part in (f"missing: {_preview(missing, 5)}" if missing else "",
+                                                  f"not of {name}: {_preview(extra, 5)}" if extra else "") if part)
+            raise ValueError(f"{where}: {root / split} holds {len(found)} class folders ({_preview(list(found), 5)}); "
+                             f"{name} expects its {len(classes)} classes ({detail}); data=image_folder reads any classes")
+        samples[split] = [(path, index[found[label]]) for path, label in listed]
+    first = samples["train"][0][0]
+    try:
+        with Image.open(first) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot read image {first} ({str(exc).strip() or type(exc).__name__}); "
+                         "remove or replace it") from None
+    if (height, width) != tuple(size):
+        raise ValueError(f"{where}: {first} is {height}×{width} pixels; {name} expects {size[0]}×{size[1]} images "
+                         "(data=image_folder resizes other sizes)")
+    return samples
 
 
 class FolderImages(ImageTensors):
@@ -181,13 +300,9 @@ class FolderImages(ImageTensors):
         return torch.stack([self.reader(self.paths[i]) for i in index.tolist()])
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "interconnects" / "image_folder"
-
-
-def _stats_key(scan: FolderScan, samples) -> str:
-    """A digest of what the statistics depend on: the folder, channels, size and every training
-    file's path, byte size and modification time."""
+def files_stats_key(scan: FolderScan, samples) -> str:
+    """The key of the statistics of the training ``samples`` read from disk: the folder, channels,
+    size and every training file's path, label, byte size and modification time."""
     digest = hashlib.sha256(json.dumps([str(scan.root.resolve()), scan.channels, list(scan.size)]).encode())
     for path, label in samples:
         stat = os.stat(path)
@@ -195,10 +310,17 @@ def _stats_key(scan: FolderScan, samples) -> str:
     return digest.hexdigest()
 
 
-def cached_mean_std(scan: FolderScan, samples, compute) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The per-channel ``(mean, std)`` of the training ``samples``: read from the cache, or
-    ``compute()``-d and stored there (an unwritable cache only costs the recomputation next time)."""
-    path = _cache_dir() / f"{_stats_key(scan, samples)}.json"
+def decoded_stats_key(scan: FolderScan, decoded: Decoded, carve: list) -> str:
+    """The key of the statistics of training images drawn from ``decoded`` (the whole ``train/``
+    folder, its files' stamp included) by ``carve`` (what picks the training images among them)."""
+    return hashlib.sha256(json.dumps([str(scan.root.resolve()), decoded.key, carve]).encode()).hexdigest()
+
+
+def cached_mean_std(key: str, scan: FolderScan, count: int, compute) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel ``(mean, std)`` of ``count`` training images: read from the cache under
+    ``key``, or ``compute()``-d and stored there (an unwritable cache only costs the recomputation
+    next time)."""
+    path = cache_dir("image_folder") / f"{key}.json"
     try:
         stored = json.loads(path.read_text())
         return tuple(stored["mean"]), tuple(stored["std"])
@@ -208,17 +330,17 @@ def cached_mean_std(scan: FolderScan, samples, compute) -> tuple[tuple[float, ..
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(f"{path.name}.{os.getpid()}.part")
-        part.write_text(json.dumps({"root": str(scan.root.resolve()), "images": len(samples), "mean": mean, "std": std}))
+        part.write_text(json.dumps({"root": str(scan.root.resolve()), "images": count, "mean": mean, "std": std}))
         part.replace(path)
     except OSError as exc:
         log.warning("could not cache the image statistics in %s (%s)", path.parent, exc.strerror or exc)
     return mean, std
 
 
-def streamed_mean_std(samples, reader: ImageReader, channels: int, num_workers: int):
-    """Per-channel ``(mean, std)`` of ``samples`` read batch by batch, never all in memory."""
+def streamed_mean_std(samples, reader: ImageReader, workers: int = 0):
+    """Per-channel ``(mean, std)`` of ``samples`` read chunk by chunk, never all in memory."""
     moments = ChannelMoments()
-    for batch in _decoded_batches(samples, reader, channels, num_workers):
-        moments.update(batch)
+    for chunk in decoded_chunks(samples, reader, workers):
+        moments.update(chunk)
     return moments.result()
 

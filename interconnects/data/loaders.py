@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
-from .catalog import DataInfo, check_data_config, data_info
+from .catalog import DataInfo, check_data_config, data_info, folder_info
+from .image_folder import scan_folder
 from .splits import digits_splits, folder_views, torchvision_splits
 from .tensors import ImageTensors, channel_mean_std, keep_batch
 
@@ -71,15 +73,18 @@ def build_data(cfg, seed: int, device: torch.device | None = None) -> DataBundle
     are cut, augmented and normalised there, with the same random draws as on the CPU.
     """
     check_data_config(cfg)
-    info = data_info(cfg)
+    started = time.perf_counter()
     if cfg.name == "image_folder":
-        train_view, val, test = folder_views(cfg, info, seed)
+        scan = scan_folder(cfg)
+        info = folder_info(scan)
+        (train_view, val, test), note = folder_views(cfg, info, scan)
         train_view.augment, train_view.padding, train_view.seed = cfg.augment, cfg.crop_padding, seed
     else:
+        info = data_info(cfg)
         if cfg.name == "digits":
-            splits = digits_splits(info.image_size, info.in_channels, cfg.split_seed, cfg.val_fraction)
+            splits, note = digits_splits(info.image_size, info.in_channels, cfg.split_seed, cfg.val_fraction), ""
         else:
-            splits = torchvision_splits(cfg, info)
+            splits, note = torchvision_splits(cfg, info)
         if not info.mean:
             info.mean, info.std = channel_mean_std(splits[0][0])
         stats = (info.mean, info.std)
@@ -96,6 +101,7 @@ def build_data(cfg, seed: int, device: torch.device | None = None) -> DataBundle
         else:
             for view in views:
                 view.to(device)
+    log.info("data ready in %.1f s%s", time.perf_counter() - started, f" ({note})" if note else "")
     pin = cfg.get("pin_memory")
     pin = cuda and not on_device if pin is None else bool(pin) and not on_device
     batches = EpochBatches(len(train_view), cfg.batch_size, seed)

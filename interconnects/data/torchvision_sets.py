@@ -16,6 +16,24 @@ SPECS = {
     "cifar100": ("CIFAR100", 3, (32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar-100-python"),
 }
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest",
+    "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard",
+    "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid",
+    "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum",
+    "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper",
+    "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf",
+    "woman", "worm",
+)
+# the class names in label order: the names of the class folders data.root=DIR/{train,test}/<class>/ may
+# hold instead of torchvision's files (MNIST and Fashion-MNIST: the labels 0..9)
+CLASS_NAMES = {"mnist": tuple("0123456789"), "fashion_mnist": tuple("0123456789"),
+               "cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES}
+
 
 class DataMissingError(RuntimeError):
     """The dataset is not on disk and cannot be downloaded; the message says where to put it."""
@@ -26,6 +44,18 @@ def resolve_root(name: str, root: str | None) -> Path:
     if root is None:
         raise ValueError(f"data.root is null; give the folder that holds (or will hold) {name}")
     return Path(root).expanduser()
+
+
+def reads_class_folders(name: str, root: str | None) -> bool:
+    """Whether ``data.root`` holds dataset ``name`` as class folders (``DIR/train/``, ``DIR/test/``)
+    rather than torchvision's files (``DIR/<its folder>``, which win when both are there)."""
+    base = resolve_root(name, root)
+    return not (base / SPECS[name][6]).is_dir() and ((base / "train").is_dir() or (base / "test").is_dir())
+
+
+def torchvision_layout(name: str, root: str | None) -> str:
+    """Where torchvision's files of ``name`` go under ``root``, in words."""
+    return f"torchvision's files in {resolve_root(name, root)}/{SPECS[name][6]}"
 def _unpack_gzip_raw(raw: Path) -> Path:
     """Decompress ``*.gz`` IDX files next to themselves (what torchvision's MNIST reads with
     ``download=False``); a read-only folder is mirrored into a cache folder instead. Returns the
@@ -57,17 +87,21 @@ def _gunzip(src: Path, dst: Path) -> None:
 
 
 def _missing_message(name: str, root: Path, cause: str) -> str:
-    cls, *_, folder = SPECS[name]
+    cls, channels, size, *_, folder = SPECS[name]
     files = {
         "MNIST": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
         "FashionMNIST": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
         "CIFAR10": "the extracted cifar-10-python.tar.gz (data_batch_1..5, test_batch, batches.meta)",
         "CIFAR100": "the extracted cifar-100-python.tar.gz (train, test, meta)",
     }[cls]
+    classes = CLASS_NAMES[name]
+    named = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+    images = f"{size[0]}×{size[1]} {'grey' if channels == 1 else 'RGB'} images"
     return (
         f"dataset {name!r} is not under {root}/{folder} and could not be downloaded ({cause}); "
-        f"put {files} in {root}/{folder}, or set data.root=DIR to a folder laid out that way; "
-        "data=digits runs offline with nothing to download"
+        f"put {files} in {root}/{folder}, or its {images} in class folders {root}/train/<class>/ and "
+        f"{root}/test/<class>/ (the {len(classes)} classes {named}), or set data.root=DIR to a folder laid out "
+        "either way; data=digits runs offline with nothing to download"
     )
 
 
