@@ -21,6 +21,7 @@ SMALL = {
     "simple_cnn": ["backbone.width=4", "backbone.depth=2"],
     "resnet18": ["backbone.stage=1"],
     "pixels": [],
+    "airbench": ["backbone.width=4", "backbone.depth=1", "backbone.whiten_kernel=1"],  # a 4×4 map
 }
 IMAGE = (1, 8, 8)
 

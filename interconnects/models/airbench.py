@@ -43,8 +43,10 @@ class Whitening(nn.Module):
             raise ValueError(f"whiten_bias_epochs={bias_epochs} is out of range; it must be ≥ 0")
         self.kernel_size, self.eps, self.bias_epochs = kernel_size, eps, float(bias_epochs)
         self.out_channels = 2 * in_channels * kernel_size**2
-        self.weight = nn.Parameter(torch.zeros(self.out_channels, in_channels, kernel_size, kernel_size),
-                                   requires_grad=False)
+        # before fitting: a plain conv's random filters and their negation (a usable network, fitted or not)
+        filters = torch.empty(self.out_channels // 2, in_channels, kernel_size, kernel_size)
+        nn.init.kaiming_uniform_(filters, a=5**0.5)
+        self.weight = nn.Parameter(torch.cat([filters, -filters]), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_channels))
         self.register_buffer("fitted", torch.tensor(False))
         # training images seen, and how many the bias trains for (set from the training-set size)

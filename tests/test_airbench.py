@@ -1,0 +1,171 @@
+"""The airbench-style CIFAR backbone and recipe: the whitening conv, what stays frozen, the width key,
+test-time augmentation, the cifar10_* experiments, and a one-batch run through the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import compose, make_image_folder, run_cli
+from interconnects.data import DataInfo
+from interconnects.models.airbench import Airbench, AirbenchDecoder, Whitening, fit_to_data, scaled_sgd
+from interconnects.models.hybrid import ClassifierHead
+from interconnects.tasks.classify import ClassificationTask, tta_logits
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+EXPERIMENTS = ("cifar10_baseline", "cifar10_grid", "cifar10_keypoints", "cifar10_knn")
+
+
+def correlated_images(n: int = 64, size: int = 12) -> torch.Tensor:
+    """Images ``[n, 3, size, size]`` whose channels and neighbouring pixels are strongly correlated."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, 1, size + 1, size + 1, generator=g)
+    smooth = (base[..., 1:, 1:] + base[..., :-1, :-1] + base[..., 1:, :-1]) / 3
+    mix = torch.tensor([[1.0], [0.8], [0.5]]).view(1, 3, 1, 1)
+    return smooth * mix + 0.3 * torch.randn(n, 3, size, size, generator=g) + 0.5
+
+
+def test_whitening_conv_whitens_its_patches():
+    images = correlated_images()
+    white = Whitening(3, kernel_size=2, eps=1e-6)
+    white.fit_to_data(images)
+    assert bool(white.fitted) and white.out_channels == 24
+    with torch.no_grad():
+        out = white(images)  # [N, 24, 11, 11]
+    half = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    half = half - half.mean(0)
+    covariance = half.T @ half / len(half)
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3)
+    assert torch.equal(out[:, 12:], -out[:, :12])  # the negation, bias zero
+
+
+def test_eps_damps_each_direction_by_its_eigenvalue():
+    images = correlated_images()
+    white = Whitening(3, eps=0.05)
+    white.fit_to_data(images)
+    with torch.no_grad():
+        flat = white(images)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    patches = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(patches.T, correction=0)).flip(0)  # largest first
+    assert torch.allclose(flat.var(0, correction=0), eigenvalues / (eigenvalues + 0.05), atol=1e-4)
+
+
+def tiny_task(width: int = 8, **task_kwargs) -> ClassificationTask:
+    backbone = Airbench(3, width=width, depth=2, whiten_bias_epochs=1.0)
+    decoder = AirbenchDecoder(backbone.out_channels, backbone.out_channels)
+    from interconnects.models.hybrid import HybridModel
+
+    model = HybridModel(backbone, None, None, decoder, ClassifierHead(decoder.out_channels, 10, bias=False,
+                                                                      pool="max", scale=1 / 9))
+    return ClassificationTask(model, label_smoothing=0.2, **task_kwargs)
+
+
+def test_frozen_parts_stay_frozen_and_the_whitening_bias_stops_after_its_epochs():
+    task = tiny_task()
+    images, labels = correlated_images(16, 32), torch.randint(0, 10, (16,))
+    fit_to_data(task.model, images, num_train=16)  # bias trains for 1 epoch = 16 images
+    backbone = task.model.backbone
+    frozen = {name: p.detach().clone() for name, p in task.model.named_parameters() if not p.requires_grad}
+    assert "backbone.whiten.weight" in frozen and any(name.endswith("norm1.weight") for name in frozen)
+    opt = scaled_sgd([p for p in task.model.parameters() if p.requires_grad], lr=0.5, weight_decay=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(task.model(images), labels).backward()
+        opt.step()
+
+    bias = backbone.whiten.bias.detach().clone()
+    step()
+    assert not torch.equal(bias, backbone.whiten.bias)  # trained in the first epoch
+    assert not backbone.whiten.bias_trains()
+    bias = backbone.whiten.bias.detach().clone()
+    step()
+    step()
+    assert torch.equal(bias, backbone.whiten.bias)  # then left alone, momentum included
+    for name, p in task.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    assert all(bool((p == 1).all()) for n, p in task.model.named_parameters() if n.endswith(("norm1.weight", "norm2.weight")))
+
+
+def test_scaled_sgd_gives_batchnorm_biases_their_own_rate():
+    task = tiny_task()
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    opt = scaled_sgd(params, lr=0.1, momentum=0.85, weight_decay=0.01)
+    base, biases = sorted(opt.param_groups, key=lambda g: g["lr"])
+    norms = [m for m in task.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert base["lr"] == pytest.approx(0.1) and base["weight_decay"] == pytest.approx(0.01)
+    assert biases["lr"] == pytest.approx(6.4) and biases["weight_decay"] == pytest.approx(0.01 / 64)
+    assert {id(p) for p in biases["params"]} == {id(m.bias) for m in norms}
+    assert all(g["nesterov"] and g["momentum"] == 0.85 for g in opt.param_groups)
+
+
+def test_width_scales_the_whole_network():
+    def count(width: int) -> int:
+        cfg = compose(["experiment=cifar10_baseline", f"backbone.width={width}"])
+        task = ClassificationTask.from_config(cfg, DataInfo(3, (32, 32), 10, (0.5,) * 3, (0.25,) * 3))
+        return dict(task.parameter_table())["total"]
+
+    small, large = count(16), count(32)
+    assert 3.5 < large / small < 4.1  # the convolutions hold almost all weights: ~width²
+    cfg = compose(["experiment=cifar10_grid", "backbone.width=16"])
+    task = ClassificationTask.from_config(cfg, DataInfo(3, (32, 32), 10, (0.5,) * 3, (0.25,) * 3))
+    assert task.model.gnn.hidden_channels == 64 == task.model.backbone.out_channels  # the graph follows the width
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_cifar10_experiments_compose_and_build(experiment):
+    cfg = compose([f"experiment={experiment}", "backbone.width=8"])
+    assert cfg.backbone._target_.endswith("Airbench") and cfg.data.name == "cifar10"
+    assert cfg.trainer.max_epochs == 10 and cfg.data.batch_size == 1024 and cfg.task.tta is True
+    task = ClassificationTask.from_config(cfg, DataInfo(3, (32, 32), 10, (0.5,) * 3, (0.25,) * 3))
+    images = correlated_images(4, 32)
+    fit_to_data(task.model, images, num_train=4)
+    task.model.eval()
+    with torch.no_grad():
+        assert task.model(images).shape == (4, 10)
+    assert (task.model.interconnect is None) == (experiment == "cifar10_baseline")
+
+
+def test_tta_averages_the_mirror_and_shifted_views():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    images = torch.randn(5, 3, 8, 8)
+
+    def forward(module, x):
+        return module(x)
+
+    with torch.no_grad():
+        one, plain = tta_logits(model, images, forward, 1)
+        two, _ = tta_logits(model, images, forward, 2)
+        six, plain6 = tta_logits(model, images, forward, 6)
+        padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+        views = [padded[..., :8, :8], padded[..., 2:, 2:]]
+        shifted = torch.stack([0.5 * (model(v) + model(v.flip(-1))) for v in views]).mean(0)
+    assert torch.equal(one, plain) and torch.equal(plain6, plain)
+    assert torch.allclose(two, 0.5 * (model(images) + model(images.flip(-1))).detach(), atol=1e-6)
+    assert torch.allclose(six, 0.5 * two + 0.5 * shifted, atol=1e-6)
+    with pytest.raises(ValueError, match="tta="):
+        tiny_task(tta="sideways")
+
+
+def test_one_batch_run_records_tta_and_evaluate_rebuilds_the_fitted_network(tmp_path):
+    root = make_image_folder(tmp_path / "pics", classes=tuple("abcdefghij"), per_class=3, size=(32, 32), mode="RGB")
+    run = tmp_path / "run"
+    common = ["data=image_folder", f"data.root={root}", "data.num_workers=0"]
+    done = run_cli("train.py", "experiment=cifar10_baseline", *common, "backbone.width=8", "data.batch_size=16",
+                   "trainer.max_epochs=1", "trainer.limit_train_batches=1", "logger=none", "trainer.progress=false",
+                   f"hydra.run.dir={run}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/tta_views"] == 6 and 0.0 <= metrics["test/acc_plain"] <= 1.0
+    state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    assert bool(state["model"]["model.backbone.whiten.fitted"])
+    out = tmp_path / "eval"
+    evaluated = run_cli("evaluate.py", f"ckpt_path={run}", f"hydra.run.dir={out}")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["test/acc"] == pytest.approx(metrics["test/acc"]) and again["test/tta_views"] == 6
+    assert again["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
