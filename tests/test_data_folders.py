@@ -11,26 +11,14 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import compose, make_image_folder, run_cli
+from conftest import make_image_folder, run_cli
 from interconnects.data import DataMissingError, build_data, data_info
 from interconnects.data import image_folder as image_folder_module
 from interconnects.data.cache import DecodedCache
 from interconnects.data.torchvision_sets import CIFAR10_CLASSES, CIFAR100_CLASSES
+from test_data import NO_NETWORK, _own_cache, data_cfg  # noqa: F401  (_own_cache: this test's own cache folder)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-              "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Decoded images and statistics go to this test's own cache folder."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-def data_cfg(*overrides: str):
-    return compose(list(overrides)).data
 
 
 def cifar_folder(root, classes=CIFAR10_CLASSES, per_class=(3, 2), size=(32, 32)):
@@ -227,7 +215,7 @@ def test_a_bad_cifar10_folder_through_the_cli_is_one_line(tmp_path):
 RECIPE = ("batch_size", "augment", "crop_padding")
 
 
-@pytest.mark.parametrize("experiment", ["cifar10_grid", "cifar10_keypoints", "cifar10_knn"])
+@pytest.mark.parametrize("experiment", ["cifar10_baseline", "cifar10_grid", "cifar10_keypoints", "cifar10_knn"])
 def test_an_experiments_data_recipe_survives_a_change_of_data_source(experiment):
     own = run_cli("train.py", f"experiment={experiment}", "--cfg", "job", timeout=120)
     moved = run_cli("train.py", f"experiment={experiment}", "data=image_folder", "data.root=somewhere",
