@@ -91,6 +91,12 @@ def _one_other_size(root):
     return "test/ship/0001.png is 30×32 pixels", "cifar10 expects 32×32 images"
 
 
+def _unreadable(root):
+    cifar_folder(root)
+    (root / "test" / "dog" / "0000.png").write_bytes(b"not a png")
+    return "cannot read image", "test/dog/0000.png", "remove or replace it"
+
+
 def _no_test(root):
     cifar_folder(root)
     for path in sorted((root / "test").rglob("*"), reverse=True):
@@ -100,7 +106,7 @@ def _no_test(root):
 
 
 BAD = {"other classes": _other_classes, "too few classes": _too_few, "other size": _other_size,
-       "one image of another size": _one_other_size, "no test split": _no_test}
+       "one image of another size": _one_other_size, "unreadable image": _unreadable, "no test split": _no_test}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -113,6 +119,7 @@ def test_a_cifar10_folder_of_something_else_gives_one_line(tmp_path, case):
     assert "\n" not in message and message.startswith(f"data.root={root} (data=cifar10)")
     for part in expected:
         assert part in message, message
+    assert ("expects 32×32" in message) == ("pixels" in message)  # the size hint only for a size
 
 
 def test_missing_cifar10_names_the_folder_layout_too(tmp_path):

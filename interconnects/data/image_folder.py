@@ -47,6 +47,10 @@ DECODE_CHUNK = 512  # images a decoding task reads
 PARALLEL_FROM = 2048  # folders with fewer images decode with data.num_workers (starting processes costs more)
 
 
+class ImageSizeError(ValueError):
+    """An image of another size than the one a reader with ``resize=False`` expects."""
+
+
 class ImageReader:
     """``path -> uint8 [C, H, W]``: the image at ``path`` as grey (``channels=1``) or RGB, resized to
     ``size = (H, W)`` when it differs (with ``resize=False`` a differing size is refused instead). A
@@ -71,7 +75,8 @@ class ImageReader:
             raise ValueError(f"data.root: cannot read image {path} ({reason}); remove or replace it") from None
         if (image.height, image.width) != self.size:
             if not self.resize:
-                raise ValueError(f"image {path} is {image.height}×{image.width} pixels, not {self.size[0]}×{self.size[1]}")
+                raise ImageSizeError(f"image {path} is {image.height}×{image.width} pixels, "
+                                 f"not {self.size[0]}×{self.size[1]}")
             image = TF.resize(image, list(self.size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         pixels = np.array(image)
         return pixels[..., None] if pixels.ndim == 2 else pixels
@@ -173,16 +178,16 @@ def decode_workers(num_workers: int, count: int) -> int:
     return 0 if workers == 1 else workers
 
 
-def _decode_paths(reader: ImageReader, paths: list[str]) -> tuple[np.ndarray, str]:
+def _decode_paths(reader: ImageReader, paths: list[str]) -> tuple[np.ndarray, ValueError | None]:
     """``(uint8 [B, H, W, C], error)`` of ``paths``; ``error`` is the first unreadable file's one-line
-    reason (``""`` when all were read), so a worker process reports it without a traceback."""
+    ``ValueError`` (``None`` when all were read), so a worker process reports it without a traceback."""
     out = np.empty((len(paths), *reader.size, reader.channels), np.uint8)
     for i, path in enumerate(paths):
         try:
             out[i] = reader.array(path)
         except ValueError as exc:
-            return out, str(exc)
-    return out, ""
+            return out, exc
+    return out, None
 
 
 def decoded_chunks(samples, reader: ImageReader, workers: int = 0):
@@ -198,8 +203,8 @@ def decoded_chunks(samples, reader: ImageReader, workers: int = 0):
         pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=context)
     try:
         for pixels, error in (pool.map(decode, chunks) if pool else map(decode, chunks)):
-            if error:
-                raise ValueError(error)
+            if error is not None:
+                raise error
             yield torch.from_numpy(pixels).permute(0, 3, 1, 2)
     finally:
         if pool:
@@ -269,7 +274,8 @@ def scan_class_folders(root_key: str, name: str, classes: tuple[str, ...], size:
             detail = "; ".join(part for part in (f"missing: {_preview(missing, 5)}" if missing else "",
                                                   f"not of {name}: {_preview(extra, 5)}" if extra else "") if part)
             raise ValueError(f"{where}: {root / split} holds {len(found)} class folders ({_preview(list(found), 5)}); "
-                             f"{name} expects its {len(classes)} classes ({detail}); data=image_folder reads any classes")
+                             f"{name} expects its {len(classes)} classes ({detail}); "
+                             "data=image_folder reads any classes")
         samples[split] = [(path, index[found[label]]) for path, label in listed]
     first = samples["train"][0][0]
     try:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .digits import digits_images, digits_test_split
-from .image_folder import (FolderImages, FolderScan, ImageReader, cached_mean_std, decode_workers,
+from .image_folder import (FolderImages, FolderScan, ImageReader, ImageSizeError, cached_mean_std, decode_workers,
                            decoded_stats_key, files_stats_key, load_decoded, scan_class_folders, streamed_mean_std)
 from .tensors import ImageTensors, as_tensors, channel_mean_std, fit_channels, resize_images
 from .torchvision_sets import CLASS_NAMES, SPECS, load_split, reads_class_folders, torchvision_layout
@@ -63,7 +63,8 @@ def torchvision_splits(cfg, info: DataInfo):
         pairs, note = _class_folder_pairs(cfg)
     else:
         pairs, note = [as_tensors(load_split(cfg.name, cfg.root, train, cfg.download)) for train in (True, False)], ""
-    pairs = [(resize_images(fit_channels(images, info.in_channels), info.image_size), labels) for images, labels in pairs]
+    pairs = [(resize_images(fit_channels(images, info.in_channels), info.image_size), labels)
+             for images, labels in pairs]
     return (*carve(pairs[0], cfg.val_fraction, cfg.split_seed), pairs[1]), note
 
 
@@ -79,8 +80,10 @@ def _class_folder_pairs(cfg):
         try:
             decoded, note = _decoded(samples[split], reader, cfg.num_workers)
         except ValueError as exc:
-            raise ValueError(f"data.root={cfg.root} (data={cfg.name}): {exc}; {cfg.name} expects {size[0]}×{size[1]} "
-                             "images (data=image_folder resizes other sizes)") from None
+            hint = (f"; {cfg.name} expects {size[0]}×{size[1]} images (data=image_folder resizes other sizes)"
+                    if isinstance(exc, ImageSizeError) else "")
+            raise ValueError(f"data.root={cfg.root} (data={cfg.name}): {str(exc).removeprefix('data.root: ')}{hint}") \
+                from None
         pairs.append((decoded.images, decoded.labels))
         notes.append(note)
     return pairs, _joined(notes)
@@ -95,7 +98,7 @@ def _decoded(samples, reader: ImageReader, num_workers: int):
 
 
 def _joined(notes: list[str]) -> str:
-    """``"cached"`` when every split came from the cache, else how many images were decoded how."""
+    """The splits' distinct notes, in order: ``"cached"`` when every split came from the cache."""
     return ", ".join(dict.fromkeys(notes))
 
 

@@ -8,6 +8,8 @@ import gzip
 import shutil
 from pathlib import Path
 
+from .cache import cache_dir
+
 # name: (torchvision class, channels, image size, classes, mean, std, folder under root)
 SPECS = {
     "mnist": ("MNIST", 1, (28, 28), 10, (0.1307,), (0.3081,), "MNIST/raw"),
@@ -56,6 +58,8 @@ def reads_class_folders(name: str, root: str | None) -> bool:
 def torchvision_layout(name: str, root: str | None) -> str:
     """Where torchvision's files of ``name`` go under ``root``, in words."""
     return f"torchvision's files in {resolve_root(name, root)}/{SPECS[name][6]}"
+
+
 def _unpack_gzip_raw(raw: Path) -> Path:
     """Decompress ``*.gz`` IDX files next to themselves (what torchvision's MNIST reads with
     ``download=False``); a read-only folder is mirrored into a cache folder instead. Returns the
@@ -70,7 +74,7 @@ def _unpack_gzip_raw(raw: Path) -> Path:
             _gunzip(archive, archive.with_suffix(""))
         return root
     except OSError:
-        cache = Path.home() / ".cache" / "interconnects" / f"{root.resolve().as_posix().strip('/').replace('/', '_')}"
+        cache = cache_dir(root.resolve().as_posix().strip("/").replace("/", "_"))
         target = cache / raw.relative_to(root)
         target.mkdir(parents=True, exist_ok=True)
         for archive in archives:
