@@ -75,3 +75,63 @@ def test_five_batches_of_the_mnist_sample_train_in_a_joblib_sweep(tmp_path, mnis
     for job in ("0", "1"):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["steps"] == 5 and 0 <= metrics["test/acc"] <= 1
+
+
+def test_a_resume_from_a_missing_checkpoint_outside_a_run_leaves_no_run_directory(tmp_path):
+    """A ``ckpt_path=`` that is not inside a run directory starts a new one; refused, it is removed."""
+    proc = run_cli("train.py", "data=digits", "logger=none", f"ckpt_path={tmp_path / 'gone' / 'checkpoints' / 'last.ckpt'}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: ckpt_path='{tmp_path / 'gone' / 'checkpoints' / 'last.ckpt'}' does not exist (or is not a file)"]
+    assert not (tmp_path / "run").exists()
+
+
+def _cost_warnings(caplog, *overrides: str) -> list[str]:
+    from conftest import compose
+    from interconnects.data import data_info
+    from interconnects.engine.build import build_task
+    from interconnects.engine.costs import warn_costs
+
+    cfg = compose(["data=digits", *overrides])
+    info = data_info(cfg.data)
+    task = build_task(cfg, info)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="interconnects"):
+        warn_costs(task, info.in_channels, tuple(info.image_size), cfg.data.batch_size)
+    return [r.getMessage() for r in caplog.records if "expect slow steps" in r.getMessage()]
+
+
+def test_the_default_hybrid_is_not_warned_about(caplog):
+    assert _cost_warnings(caplog) == []
+    assert _cost_warnings(caplog, "interconnect=knn", "data.batch_size=128") == []
+
+
+def test_a_wide_backbone_at_a_large_batch_is_warned_naming_the_keys(caplog):
+    """Not a graph at all: resnet18's convolutions at batch 64 (62 GMAC a step by the count)."""
+    [line] = _cost_warnings(caplog, "backbone=resnet18", "data.batch_size=64")
+    assert "data.batch_size=64" in line and "backbone" in line and "GMAC a training step" in line
+    assert _cost_warnings(caplog, "backbone=resnet18", "data.batch_size=2") == []
+
+
+def test_a_gcn_on_a_large_complete_graph_is_warned_though_it_builds_no_tensor_per_edge(caplog):
+    """784 pixel nodes, a complete graph of 614,656 edges, 64 channels, batch 64: the aggregation dominates."""
+    [line] = _cost_warnings(caplog, "backbone=pixels", "gnn=gcn", "data.batch_size=64")
+    assert "784 nodes" in line and "614,656 edges" in line and "gnn.hidden_channels=64" in line
+    assert "gnn.num_layers=2" in line and "data.batch_size=64" in line and "tensor per edge" not in line
+    assert _cost_warnings(caplog, "backbone=pixels", "gnn=gcn", "data.batch_size=2", "gnn.hidden_channels=8") == []
+
+
+def test_the_estimate_leaves_the_rng_and_the_train_mode_as_they_were():
+    from conftest import compose
+    from interconnects.data import data_info
+    from interconnects.engine.build import build_task
+    from interconnects.engine.costs import step_cost
+
+    cfg = compose(["data=digits", "interconnect=keypoints", "interconnect.select=random"])
+    info = data_info(cfg.data)
+    model = build_task(cfg, info).networks()["model"]
+    state = torch.random.get_rng_state()
+    cost = step_cost(model, info.in_channels, tuple(info.image_size))
+    assert torch.equal(torch.random.get_rng_state(), state) and model.training
+    assert cost.nodes == 16 and cost.cnn > 0 and cost.graph > 0

@@ -129,7 +129,8 @@ def test_first_step_time_and_projected_epoch_time_are_printed(grid_run):
 def test_dense_attention_on_a_large_complete_graph_is_warned_before_training(tmp_path):
     pixels = [o for o in SHORT if not o.startswith("backbone.")]
     proc = run_cli("train.py", *pixels, "backbone=pixels", "gnn=gat", "gnn.hidden_channels=4", "gnn.heads=1",
-                   "gnn.num_layers=1", "trainer.limit_train_batches=1", "data.batch_size=2", "logger=none",
+                   "gnn.num_layers=1", "trainer.limit_train_batches=1", "data.batch_size=2", "data.eval_batch_size=2",
+                   "trainer.max_epochs=1", "logger=none",
                    f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = proc.stdout + proc.stderr

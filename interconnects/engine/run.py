@@ -52,7 +52,9 @@ def train(cfg: DictConfig) -> float | None:
         metrics = trainer.fit(task, data, optimizers, schedulers, cfg.ckpt_path, state=state,
                               on_ready=accepted if resuming else None)
     except BaseException:
-        if not resuming:
+        # a run continued in place keeps its directory; a new one (a ckpt_path outside a run
+        # directory makes one too) that holds nothing yet is removed
+        if not resuming or Path(cfg.ckpt_path).resolve().parent.parent != run_dir.resolve():
             remove_if_untouched(run_dir)
         raise
     finally:
@@ -105,7 +107,7 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
                               f"python evaluate.py ckpt_path={cfg.ckpt_path}")
     elif cfg.get("init_from"):
         init_from_weights(task, cfg.init_from)
-    warn_costs(task)
+    warn_costs(task, info.in_channels, tuple(info.image_size), cfg.data.batch_size)
     trainer = Trainer(cfg.trainer, run_dir, config, cfg.logger.name, resume_hint(run_dir))
     data = build_data(cfg.data, cfg.seed, trainer.device)
     log.info("parameters: " + ", ".join(f"{name} {count:,}" for name, count in task.parameter_table()))
