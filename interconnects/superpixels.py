@@ -428,7 +428,7 @@ class Superpixels(nn.Module):
             dst = (torch.arange(s, device=device).view(1, s, 1) + offsets).expand(b, s, self.k).flatten()
             weight = torch.ones(src.numel(), dtype=dtype, device=device)
             return RegionGraphBatch(**common, edge_index=torch.stack([src, dst]), edge_weight=weight,
-                                    neighbors=nbr, neighbor_weight=weight.view(b, s, self.k))
+                                    neighbors=nbr)  # neighbor_weight None: ones, which layers fold into node terms
         return RegionGraphBatch(**common, adj=self._adjacency(regions, s, take).to(dtype))
 
     @staticmethod

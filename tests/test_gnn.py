@@ -326,7 +326,7 @@ GATHER_LAYERS = [name for name in GNN_LAYERS if GNNHead(C, name).flags["supports
 
 
 def test_gather_layers():
-    assert {"gcn", "graphconv", "sage", "gin", "propagate"} <= set(GATHER_LAYERS)
+    assert {"gcn", "graphconv", "sage", "gin", "gatedgcn", "propagate"} <= set(GATHER_LAYERS)
 
 
 @pytest.mark.parametrize("self_loops", [False, True])
@@ -363,3 +363,41 @@ def test_neighbor_view_gives_the_same_edges():
     torch.testing.assert_close(edge_weight, graph.edge_weight)
     torch.testing.assert_close(lazy.dense_adj(), graph.dense_adj())
     assert lazy.to_pyg().num_edges == B * N * 3
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gatedgcn_gather_equals_sparse_on_a_region_graph(weighted):
+    """The fixed-degree GatedGCN (per-node linears, then a gather) is the sparse ResGatedGraphConv
+    on the same edges, values and gradients, an edge of weight 0 included; the head takes the
+    gather (not the N×N dense adjacency) for a small graph."""
+    from interconnects.models.gnn import layer_inputs
+    from interconnects.models.layers import GatedGCNLayer
+
+    torch.manual_seed(0)
+    b, n, k, c, co = 3, 20, 5, 6, 7
+    x = torch.randn(b, n, c)
+    nbr = torch.rand(b, n, n).masked_fill(torch.eye(n, dtype=torch.bool), 2.0).topk(k, -1, largest=False).indices
+    weight = torch.rand(b, n, k) if weighted else None
+    if weighted:
+        weight[0, 3, 1] = 0.0  # an edge of weight 0 is still an edge on both paths
+    layer = GatedGCNLayer(c, co)
+    x_g, x_s = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    w_g = w_s = None
+    if weighted:
+        w_g, w_s = weight.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out_g = layer(x_g, neighbors=nbr, neighbor_weight=w_g)
+    graph = GraphBatch(x=x, pos=torch.zeros(b, n, 2), size=(4, 5), neighbors=nbr, neighbor_weight=weight)
+    edge_index, _ = graph.sparse_edges()
+    edge_weight = w_s.reshape(-1) if weighted else None
+    grads_g = torch.autograd.grad((out_g * torch.linspace(-1, 1, co)).sum(), [x_g, *layer.parameters()]
+                                  + ([w_g] if weighted else []))
+    out_s = layer(x_s, None, edge_index, edge_weight)
+    grads_s = torch.autograd.grad((out_s * torch.linspace(-1, 1, co)).sum(), [x_s, *layer.parameters()]
+                                  + ([w_s] if weighted else []))
+    assert out_g.shape == (b, n, co)
+    torch.testing.assert_close(out_g, out_s, rtol=1e-4, atol=1e-5)
+    for g_g, g_s in zip(grads_g, grads_s):
+        torch.testing.assert_close(g_g, g_s, rtol=1e-4, atol=1e-5)
+    flags = GNNHead(c, "gatedgcn", hidden_channels=co).flags
+    adj, edges, _, view = layer_inputs(flags, graph)
+    assert adj is None and edges is None and view["neighbors"] is nbr

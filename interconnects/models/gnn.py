@@ -68,7 +68,8 @@ def layer_inputs(flags: dict, graph: GraphBatch) -> tuple:
             _told.add(True)
             log.info("a GNN layer that needs per-edge tensors builds the dense N×N adjacency of an FFT grid")
     if graph.neighbors is not None and flags["supports_neighbors"]:
-        if flags["supports_dense"] and graph.num_nodes <= NEIGHBORS_DENSE_MAX_NODES:
+        # (a layer with per-edge tensors would build N×N of them from the dense adjacency: it gathers)
+        if flags["supports_dense"] and not flags["per_edge"] and graph.num_nodes <= NEIGHBORS_DENSE_MAX_NODES:
             return graph.dense_adj(), None, None, {}
         return None, None, None, {"neighbors": graph.neighbors, "neighbor_weight": graph.neighbor_weight if weights else None}
     has_dense = graph.adj is not None or graph.aggregator is not None

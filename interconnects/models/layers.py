@@ -472,10 +472,13 @@ class GatedGCNLayer(GraphLayer):
     Sparse: ``torch_geometric.nn.ResGatedGraphConv(edge_dim=1)`` with ``edge_attr = edge_weight``.
     Dense: the same parameters split into node and edge parts, gates masked to ``adj != 0``; it
     builds ``[B, rows, N, C']`` for blocks of target rows of at most ``max_bytes``. Needs per-edge
-    tensors: an FFT grid is given to it as its dense matrix.
+    tensors: an FFT grid is given to it as its dense matrix. Fixed degree (kNN, superpixels): the
+    three linears applied per node, then one gather of the sources' query and value rows,
+    ``[B, N, k, 2C']``; every entry of ``neighbors`` is an edge, as on the sparse path.
     """
 
     per_edge = True
+    supports_neighbors = True
 
     def __init__(self, in_channels: int, out_channels: int, max_bytes: int = DENSE_BLOCK_BYTES) -> None:
         super().__init__()
@@ -518,6 +521,39 @@ class GatedGCNLayer(GraphLayer):
     def sparse(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         weight = _weight_or_ones(edge_index, edge_weight, x)
         return self.conv(x, edge_index, edge_attr=weight.unsqueeze(-1).to(x.dtype))
+
+    def gather(self, x: Tensor, neighbors: Tensor, neighbor_weight: Tensor | None) -> Tensor:
+        """``x [B, N, C]``, ``neighbors [B, N, k]``, ``neighbor_weight [B, N, k] | None`` (ones) →
+        ``[B, N, C']``: the key, query and value of every node by one product each, the query and
+        value of each edge's source by one gather of ``[B·N·k, C']`` rows each (their backward one
+        ``index_add_``). Unit weights (``None``) are folded into the node biases, so an edge costs
+        only its gate; other weights add their share per edge."""
+        conv, c = self.conv, self.in_channels
+        b, n, _ = x.shape
+        k, co = neighbors.shape[-1], self.out_channels
+        gate_edge = conv.lin_key.weight[:, c] + conv.lin_query.weight[:, c]  # [C']
+        value_edge = conv.lin_value.weight[:, c]
+        key_bias, value_bias = conv.lin_key.bias, conv.lin_value.bias
+        if neighbor_weight is None:  # a_ij = 1: the edge parts are constant, node biases
+            key_bias = gate_edge if key_bias is None else key_bias + gate_edge
+            value_bias = value_edge if value_bias is None else value_bias + value_edge
+        key = F.linear(x, conv.lin_key.weight[:, :c], key_bias)  # [B, N, C']
+        query = F.linear(x, conv.lin_query.weight[:, :c], conv.lin_query.bias)
+        value = F.linear(x, conv.lin_value.weight[:, :c], value_bias)
+        src = (neighbors + torch.arange(b, device=x.device).mul_(n).view(b, 1, 1)).reshape(-1)  # [B·N·k]
+        query = query.reshape(b * n, co).index_select(0, src).view(b, n, k, co)
+        value = value.reshape(b * n, co).index_select(0, src).view(b, n, k, co)
+        logit = query + key.unsqueeze(2)  # [B, N, k, C']
+        if neighbor_weight is not None:
+            w = neighbor_weight.to(key.dtype).unsqueeze(-1)  # [B, N, k, 1]
+            logit = logit.addcmul_(w, gate_edge.to(key.dtype))
+            value = torch.addcmul(value, w, value_edge.to(value.dtype))
+        out = (conv.act(logit) * value).sum(2)
+        if conv.lin_skip is not None:
+            out = out + conv.lin_skip(x)
+        if conv.bias is not None:
+            out = out + conv.bias
+        return out
 
 
 class MaxRelLayer(GraphLayer):
