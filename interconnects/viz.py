@@ -22,6 +22,7 @@ import math
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
@@ -71,16 +72,79 @@ def to_canvas(images: Tensor, factor: int) -> Tensor:
     return (images * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def colorize(values: Tensor, cmap: str = "magma") -> Tensor:
+def colorize(values: Tensor, cmap: str = "magma", low: float | None = None, high: float | None = None) -> Tensor:
     """A heat map: ``values [B, h, w]`` → ``[B, 3, h, w]`` float in ``[0, 1]``, each map scaled
-    to its own minimum and maximum, coloured with the matplotlib colour map ``cmap``."""
+    to its own minimum and maximum (or every map to ``low … high``, the range a colour bar then
+    shows), coloured with the matplotlib colour map ``cmap``."""
     values = values.detach().float()
-    low = values.amin(dim=(1, 2), keepdim=True)
-    high = values.amax(dim=(1, 2), keepdim=True)
+    low = values.amin(dim=(1, 2), keepdim=True) if low is None else torch.tensor(float(low))
+    high = values.amax(dim=(1, 2), keepdim=True) if high is None else torch.tensor(float(high))
     scaled = (values - low) / (high - low).clamp_min(1e-12)
     lut = torch.tensor(matplotlib.colormaps[cmap](torch.linspace(0, 1, 256).numpy())[:, :3],
                        dtype=torch.float32, device=values.device)
     return lut[(scaled * 255).round().long()].permute(0, 3, 1, 2)
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels in ``font``."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def annotate(picture: Tensor, title: str, *, colorbar: tuple[float, float, str] | None = None,
+             legend: Sequence[tuple[tuple[int, int, int], str]] = (), font_size: int = 11) -> Tensor:
+    """A picture that explains itself: ``picture [3, H, W]`` float in ``[0, 1]`` → ``[3, H', W']``
+    with ``title`` above it (wrapped to its width), a colour bar to its right (``(low, high, cmap)``:
+    the values the colours of ``cmap`` stand for, high at the top) and the ``legend`` entries
+    (``(RGB colour, label)``: a dot of the colour, then the label) below it. Drawn with PIL's own
+    font, so the same picture reaches TensorBoard and the PNG files made from it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=font_size)  # (Latin letters and digits only: no × or …)
+    pixels = (picture.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    h, w = pixels.shape[:2]
+    line, pad = font_size + 4, 4
+    bar_labels = [f"{colorbar[1]:.3g}", f"{colorbar[0]:.3g}"] if colorbar else []
+    bar_width = (pad + 10 + pad + int(max(font.getlength(t) for t in bar_labels)) + pad) if colorbar else 0
+    width = w + bar_width
+    title_lines = _wrap(title, font, width - 2 * pad)
+    rows: list[list[tuple[tuple[int, int, int], str]]] = []  # the legend entries, row by row
+    x = pad
+    for color, label in legend:
+        entry = 12 + font.getlength(label) + 10
+        if not rows or x + entry > width - pad:
+            rows.append([])
+            x = pad
+        rows[-1].append((color, label))
+        x += entry
+    top = pad + line * len(title_lines)
+    canvas = Image.new("RGB", (width, top + h + (pad + line * len(rows) if rows else 0)), "white")
+    canvas.paste(Image.fromarray(np.ascontiguousarray(pixels)), (0, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(title_lines):
+        draw.text((pad, pad // 2 + i * line), text, fill="black", font=font)
+    if colorbar:
+        low, high, cmap = colorbar
+        lut = matplotlib.colormaps[cmap](np.linspace(1.0, 0.0, h))[:, :3]  # top row: the highest value
+        bar = np.repeat((lut * 255).round().astype(np.uint8)[:, None, :], 10, axis=1)
+        canvas.paste(Image.fromarray(np.ascontiguousarray(bar)), (w + pad, top))
+        draw.rectangle([w + pad, top, w + pad + 9, top + h - 1], outline="black")
+        draw.text((w + 2 * pad + 10, top), bar_labels[0], fill="black", font=font)
+        draw.text((w + 2 * pad + 10, top + h - line), bar_labels[1], fill="black", font=font)
+    y = top + h + pad // 2
+    for row in rows:
+        x = pad
+        for color, label in row:
+            draw.ellipse([x, y + 3, x + 8, y + 11], fill=tuple(color), outline="black")
+            draw.text((x + 12, y), label, fill="black", font=font)
+            x += 12 + font.getlength(label) + 10
+        y += line
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
 
 
 def image_rows(*rows: Tensor, padding: int = 2) -> Tensor:
@@ -161,6 +225,7 @@ def graph_pictures(
     num_nodes: int = 4,
     num_neighbours: int = 8,
     min_size: int = PICTURE_SIZE,
+    explain: bool = True,
 ) -> dict[str, Tensor]:
     """What the interconnect of a :class:`~interconnects.models.hybrid.HybridModel` makes of ``images``.
 
@@ -173,6 +238,8 @@ def graph_pictures(
             image: the most active node of each region, see :func:`spread_nodes`).
         num_neighbours: how many of each such node's strongest in-edges are drawn.
         min_size: the pictures are upscaled (nearest) by an integer factor to at least this many pixels.
+        explain: give each picture its title, and colour bar or legend (:func:`annotate`); without,
+            the bare drawings (the geometry above holds for them).
 
     Returns ``{tag: picture [3, H', W'] float in [0, 1]}``, one picture per tag with one tile per image:
 
@@ -187,6 +254,7 @@ def graph_pictures(
 
     ``{}`` when the model has no interconnect (the CNN baseline).
     """
+    explained = annotate if explain else (lambda picture, *args, **kwargs: picture)
     interconnect = getattr(model, "interconnect", None)
     if interconnect is None:
         return {}
@@ -209,18 +277,22 @@ def graph_pictures(
 
     pictures: dict[str, Tensor] = {}
     marked = [draw_keypoints(canvas[i], xy[i : i + 1], colors=KEYPOINT_COLOR, radius=radius) for i in range(b)]
-    pictures["graph/keypoints"] = _tile(marked, nrow=b)
+    pictures["graph/keypoints"] = explained(_tile(marked, nrow=b), f"graph nodes (red): {graph.num_nodes} per image, "
+                                            "each at the centre of its feature-map cell")
     regions = getattr(graph, "regions", None)
     if regions is not None:  # region graphs (superpixels): the regions' boundaries over the input
         pictures["graph/regions"] = _tile(region_boundaries(canvas, regions.cpu()), nrow=b)
 
     if scores is not None:
-        heat = colorize(scores[:, 0].cpu())  # [B, 3, h, w]
+        low, high = float(scores.min()), float(scores.max())  # one scale for every image: one colour bar
+        heat = colorize(scores[:, 0].cpu(), low=low, high=high)  # [B, 3, h, w]
         heat = to_canvas(F.interpolate(heat, size=big, mode="nearest"), 1)
         pairs = []
         for i in range(b):
             pairs += [marked[i], draw_keypoints(heat[i], xy[i : i + 1], colors=(255, 255, 255), radius=radius)]
-        pictures["graph/scores"] = _tile(pairs, nrow=2)
+        pictures["graph/scores"] = explained(
+            _tile(pairs, nrow=2), "keypoint scores: per image, the chosen keypoints (left) and the score map they "
+            "are the top cells of (right, chosen cells in white)", colorbar=(low, high, "magma"))
 
     adj = graph.dense_adj().detach().float().cpu()  # [B|1, N, N]
     adj = adj.expand(b, -1, -1)
@@ -245,11 +317,18 @@ def graph_pictures(
                                      radius=max(1, radius - 1), width=width_px, visibility=visible[i, g : g + 1])
             picture = draw_keypoints(picture, points[i, g : g + 1, :1], colors=color, radius=radius + 1)
         drawn.append(picture)
-    pictures["graph/edges"] = _tile(drawn, nrow=b)
+    legend = [(PALETTE[g % len(PALETTE)], f"node of region {g + 1}") for g in range(groups.shape[1])]
+    pictures["graph/edges"] = explained(
+        _tile(drawn, nrow=b), f"edges: per image, the most active node of each of {groups.shape[1]} regions "
+        f"(numbered row by row; large dot) and lines to its {groups.shape[2] - 1} strongest in-neighbours",
+        legend=legend)
 
+    low, high = float(adj[0].min()), float(adj[0].max())
     matrix = colorize(adj[:1], cmap="viridis")  # [1, 3, N, N]
     matrix = F.interpolate(matrix, scale_factor=upscale_factor((n, n), min_size), mode="nearest")
-    pictures["graph/adjacency"] = matrix[0].clamp(0, 1)
+    pictures["graph/adjacency"] = explained(
+        matrix[0].clamp(0, 1), f"adjacency of the first image, {n} x {n}: row i (top to bottom, 0 to {n - 1}) holds the "
+        f"edge weights into node i, column j (left to right) those from node j", colorbar=(low, high, "viridis"))
     return pictures
 
 

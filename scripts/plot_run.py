@@ -77,14 +77,29 @@ def save(fig: Figure, path: Path, written: list[Path]) -> None:
     written.append(path)
 
 
+#: Markers of the series of one plot, in turn: points at the same step and value (the test point of a
+#: one-epoch run on its validation point) stay apart by shape.
+MARKERS = ("o", "s", "^", "v", "D", "P")
+
+
 def plot_curves(groups: dict[str, dict[str, list[tuple[int, float]]]], out: Path, written: list[Path]) -> None:
-    """One PNG per group: a line per series over the step (a single value is a marker)."""
+    """One PNG per group: a line per series over the step, each with its own marker shape while it has
+    few points. A series of a single value (the test metric; after one epoch, every epoch series) is
+    a hollow diamond drawn above the lines, each such series a size smaller than the one before, so
+    that points at the same step and value nest inside each other instead of hiding each other."""
     for name, series in sorted(groups.items()):
         fig = Figure(figsize=(6.4, 4.0), layout="constrained")
         ax = fig.subplots()
-        for label, points in sorted(series.items()):
+        singles = 0
+        for i, (label, points) in enumerate(sorted(series.items(), key=lambda item: (len(item[1]) == 1, item[0]))):
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if len(points) <= 20 else None, markersize=4, label=label)
+            if len(points) == 1:
+                ax.plot(steps, values, linestyle="none", marker="D", markersize=max(4, 16 - 4 * singles),
+                        markerfacecolor="none", markeredgewidth=2, zorder=4 + singles, label=label)
+                singles += 1
+                continue
+            ax.plot(steps, values, marker=MARKERS[i % len(MARKERS)] if len(points) <= 20 else None, markersize=5,
+                    label=label)
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.set_title(name)

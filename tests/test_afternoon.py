@@ -323,3 +323,76 @@ def test_evaluate_with_a_wrong_checkpoint_path_leaves_no_directory(cli, tmp_path
     assert proc.returncode == 2
     assert "nowhere" in _error_line(proc)
     assert not out.exists()
+
+
+# ---- 11. pictures that explain themselves, in TensorBoard and in plot_run.py's files -------------------------
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("RGB")).astype(int)
+
+
+def _has_colour_bar(pixels, cmap: str) -> bool:
+    """Whether some column runs from ``cmap``'s top colour (high values, at the top) to its bottom one."""
+    import matplotlib
+    import numpy as np
+
+    top, bottom = (np.array(matplotlib.colormaps[cmap](v)[:3]) * 255 for v in (1.0, 0.0))
+    rows, cols = pixels.shape[:2]
+    for col in range(cols - 1, cols // 2, -1):
+        column = pixels[:, col]
+        near_top = np.abs(column - top).max(axis=1) <= 6
+        near_bottom = np.abs(column - bottom).max(axis=1) <= 6
+        if near_top.any() and near_bottom.any() and near_top.nonzero()[0][0] < near_bottom.nonzero()[0][-1]:
+            return True
+    return False
+
+
+def _has_title(pixels) -> bool:
+    """A white strip at the top with dark text in it."""
+    strip = pixels[:12]
+    return bool((strip.min(axis=2) >= 250).mean() > 0.5 and (strip.max(axis=2) < 100).any())
+
+
+def test_graph_pictures_have_titles_colour_bars_and_legends_in_tensorboard_and_plot_run(cli, tmp_path):
+    run = tmp_path / "run"
+    proc = cli("train.py", *TINY, "interconnect=keypoints", "interconnect.num_keypoints=8", "trainer.max_epochs=1",
+               "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+               f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plotted = subprocess.run([sys.executable, str(SCRIPTS / "plot_run.py"), str(run)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert plotted.returncode == 0, plotted.stderr[-3000:]
+    plots = run / "plots"
+    adjacency, scores, edges = (_pixels(plots / f"graph_{name}.png") for name in ("adjacency", "scores", "edges"))
+    assert _has_title(adjacency) and _has_colour_bar(adjacency, "viridis")
+    assert _has_title(scores) and _has_colour_bar(scores, "magma")
+    assert _has_title(edges) and _has_title(_pixels(plots / "graph_keypoints.png"))
+    import matplotlib
+    import numpy as np
+
+    # the legend under the edges: a dot of each node's colour in the bottom rows, on white
+    legend = edges[-16:]
+    for colour in matplotlib.colormaps["tab10"].colors[:4]:
+        assert (np.abs(legend - np.array(colour) * 255).max(axis=2) <= 8).any(), colour
+
+
+def test_acc_plot_keeps_the_test_point_visible_on_the_validation_point(tmp_path, monkeypatch):
+    """After one epoch the test, validation and epoch-mean points share a step (and may share a value):
+    each is drawn as its own hollow diamond, a size apart and above the lines."""
+    sys.path.insert(0, str(SCRIPTS))
+    import plot_run
+
+    figures = []
+    monkeypatch.setattr(plot_run, "save", lambda fig, path, written: figures.append(fig))
+    groups = {"acc": {"train": [(1, 0.2), (2, 0.5), (3, 0.6)], "val": [(3, 0.7)], "test": [(3, 0.7)],
+                      "train (epoch mean)": [(3, 0.5)]}}
+    plot_run.plot_curves(groups, tmp_path, [])
+    lines = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
+    singles = [lines[k] for k in ("test", "train (epoch mean)", "val")]
+    assert all(line.get_markerfacecolor() == "none" for line in singles)  # hollow: what lies under shows
+    assert len({line.get_markersize() for line in singles}) == 3  # nested, never the same size
+    assert min(line.get_zorder() for line in singles) > lines["train"].get_zorder()

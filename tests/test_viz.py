@@ -79,7 +79,7 @@ def test_drawn_keypoint_of_a_known_cell_lands_at_the_pixel_its_stride_says():
 
     assert sorted(lattice_cells(4, 7, 7).tolist()) == [1 * 7 + 1, 1 * 7 + 5, 5 * 7 + 1, 5 * 7 + 5]
     model = _model("interconnect=keypoints", "interconnect.select=lattice", "interconnect.num_keypoints=4")
-    picture = graph_pictures(model, _black(1), MEAN, STD, min_size=224)["graph/keypoints"]
+    picture = graph_pictures(model, _black(1), MEAN, STD, min_size=224, explain=False)["graph/keypoints"]
     assert picture.shape == (3, 224, 224)
     red = (picture[0] > 0.5) & (picture[1] < 0.5)
     rows, cols = red.nonzero(as_tuple=True)
@@ -152,7 +152,7 @@ def test_graph_pictures_per_interconnect(interconnect, nodes, tags):
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.randn(2, 1, *IMAGE)
-    pictures = graph_pictures(model, images, MEAN, STD)
+    pictures = graph_pictures(model, images, MEAN, STD, explain=False)  # (the bare drawings' geometry)
     assert set(pictures) == tags
     from interconnects.viz import PICTURE_SIZE
 
@@ -178,7 +178,8 @@ def test_adjacency_picture_shows_the_first_images_edges():
     """kNN with k = 8 and weight 1: each row of the first image's matrix has exactly 8 bright cells."""
     from interconnects.viz import graph_pictures
 
-    picture = graph_pictures(_model("interconnect=knn"), torch.randn(3, 1, *IMAGE), MEAN, STD)["graph/adjacency"]
+    picture = graph_pictures(_model("interconnect=knn"), torch.randn(3, 1, *IMAGE), MEAN, STD,
+                             explain=False)["graph/adjacency"]
     factor = picture.shape[1] // 49
     cells = picture[:, ::factor, ::factor]  # one pixel per matrix entry
     lit = (cells - cells[:, :1, :1]).abs().sum(0) > 0.1  # differs from the colour of "no edge" (node 0 → 0)
@@ -233,7 +234,7 @@ def test_logger_writes_pictures_text_and_graph(tmp_path, caplog):
 
     model = _model("interconnect=keypoints")
     logger = TensorBoardLogger(tmp_path)
-    for tag, picture in graph_pictures(model, torch.randn(2, 1, *IMAGE), MEAN, STD, min_size=224).items():
+    for tag, picture in graph_pictures(model, torch.randn(2, 1, *IMAGE), MEAN, STD, min_size=224, explain=False).items():
         logger.image(tag, picture, 1)
     logger.image("batch", torch.rand(3, 3, 8, 8), 1)  # a batch is tiled
     logger.figure("test/confusion", confusion_figure(torch.eye(3) * 4), 2)
