@@ -49,6 +49,8 @@ MNIST_SAMPLE = "../shared/datasets/mnist-sample"  # relative to the repository r
 SKIP_GROUPS = {"hydra"}
 #: group options that need files this search cannot have offline; the data is digits or the MNIST sample
 DATA_CHOICES = ("digits", "mnist")
+#: the groups an experiment chooses for itself
+MODEL_GROUPS = {"backbone", "interconnect", "gnn", "decoder", "task", "optimizer", "scheduler"}
 
 
 # ---- composing the configurations ------------------------------------------------------------
@@ -120,13 +122,22 @@ class Composer:
                 return None
 
     def groups_of(self, rng: random.Random) -> list[str]:
+        """An option of every group; with an experiment (its own choice of model groups) half the
+        time only the groups it does not choose."""
         chosen = []
+        experiment = "experiment" in self.groups and rng.random() < 0.15
+        alone = experiment and rng.random() < 0.5
         for group, options in self.groups.items():
             if group == "data":
                 chosen.append(f"data={rng.choice(DATA_CHOICES)}")
-            elif group in ("experiment", "debug", "hparams_search"):  # optional groups: mostly left out
-                if rng.random() < {"experiment": 0.15, "debug": 0.15, "hparams_search": 0.04}[group]:
+            elif group == "experiment":
+                if experiment:
+                    chosen.append(f"experiment={rng.choice(options)}")
+            elif group in ("debug", "hparams_search"):  # optional groups: mostly left out
+                if rng.random() < {"debug": 0.15, "hparams_search": 0.04}[group]:
                     chosen.append(f"{group}={rng.choice(options)}")
+            elif alone and group in MODEL_GROUPS:
+                continue
             elif len(options) > 1 or rng.random() < 0.5:
                 chosen.append(f"{group}={rng.choice(options)}")
         if any(o.startswith("data=mnist") for o in chosen):
@@ -283,10 +294,10 @@ def _run_dirs(folder: Path) -> list[Path]:
 class Runner:
     """Runs specs through ``train.py``, ``jobs`` at a time, each in its own folder under ``root``."""
 
-    def __init__(self, root: Path, timeout: float, jobs: int, spawn: bool) -> None:
-        self.root, self.timeout, self.jobs, self.spawn = root, timeout, jobs, spawn
+    def __init__(self, root: Path, timeout: float, jobs: int, spawn: bool, script: Path = TRAIN) -> None:
+        self.root, self.timeout, self.jobs, self.spawn, self.script = root, timeout, jobs, spawn, Path(script)
         self.results: dict[int, Result] = {}
-        if not spawn:
+        if not spawn and self.script == TRAIN:
             self._preload()
 
     @staticmethod
@@ -321,7 +332,7 @@ class Runner:
         if self.spawn:
             import subprocess
 
-            launch.proc = subprocess.Popen([sys.executable, str(TRAIN), *overrides], cwd=folder, stdout=out, stderr=err,
+            launch.proc = subprocess.Popen([sys.executable, str(self.script), *overrides], cwd=folder, stdout=out, stderr=err,
                                            stdin=subprocess.DEVNULL, start_new_session=True)
             launch.pid = launch.proc.pid
         else:
@@ -335,10 +346,13 @@ class Runner:
                     os.dup2(devnull, 0)
                     os.dup2(out.fileno(), 1)
                     os.dup2(err.fileno(), 2)
-                    sys.argv = [str(TRAIN), *overrides]
+                    # Python's streams on the new descriptors (this process's may be a test's capture)
+                    sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, closefd=False)
+                    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)
+                    sys.argv = [str(self.script), *overrides]
                     import runpy
 
-                    runpy.run_path(str(TRAIN), run_name="__main__")
+                    runpy.run_path(str(self.script), run_name="__main__")
                     code = 0
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -449,7 +463,9 @@ def command_line(result: Result, data_root: str) -> str:
     return "python train.py " + " ".join(shlex.quote(w) for w in words)
 
 
-def report(results: list[Result], data_root: str, seconds: float, out=sys.stdout) -> int:
+def report(results: list[Result], data_root: str, seconds: float, out=None) -> int:
+    """Print the table and every run that is neither trained nor refused; 1 when there is one."""
+    out = out or sys.stdout
     counts = {k: sum(r.outcome == k for r in results) for k in ("trained", "refused", "other")}
     times = [r.seconds for r in results]
     print(f"\n{len(results)} configurations in {seconds:.0f} s "
