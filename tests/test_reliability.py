@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import hang_limit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Two epochs of 6 batches; a step-level last.ckpt every 2 steps; dropout, augmentation, BatchNorm
@@ -52,7 +54,7 @@ BASE = {
     "task.head.dropout": "0.2",
 }
 PER_EPOCH = 6
-TIMEOUT = 300
+TIMEOUT = hang_limit(60)  # (a hang guard: see conftest.HANG_MARGIN)
 WORKERS = 3  # processes side by side (they are single-threaded)
 
 

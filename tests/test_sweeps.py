@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, ROOT, TINY, run_cli
+from conftest import CONFIGS, ROOT, TINY, hang_limit, run_cli
 
 FAST = ["debug=default", *TINY, "trainer.limit_train_batches=2"]
 
@@ -26,7 +26,7 @@ def job_record(job_dir: Path) -> dict:
 
 def summary(sweep: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize_sweep.py"), str(sweep), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=hang_limit(15))
 
 
 @pytest.fixture(scope="module")
@@ -174,12 +174,12 @@ def test_submitit_requeued_job_resumes_from_its_own_last_ckpt(tmp_path):
          f"hydra.sweep.dir={sweep}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + hang_limit(60)
         while not (job / "checkpoints" / "last.ckpt").is_file():
             assert time.monotonic() < deadline and proc.poll() is None, "the job never wrote last.ckpt"
             time.sleep(0.2)
         os.kill(job_record(job)["pid"], signal.SIGUSR2)  # what SLURM sends before preemption / the time limit
-        output, _ = proc.communicate(timeout=300)
+        output, _ = proc.communicate(timeout=hang_limit(60))
     finally:
         proc.kill()
     assert proc.returncode == 0, output[-3000:]
