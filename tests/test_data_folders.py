@@ -131,6 +131,16 @@ def test_missing_cifar10_names_the_folder_layout_too(tmp_path):
     assert "data=digits runs offline" in message
 
 
+def test_missing_cifar10_through_the_cli_names_both_layouts(tmp_path):
+    proc = run_cli("train.py", "data=cifar10", f"data.root={tmp_path / 'none'}", "trainer.progress=false",
+                   f"hydra.run.dir={tmp_path / 'run'}", env=NO_NETWORK, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error:") and "Traceback" not in proc.stderr
+    assert "cifar-10-batches-py" in errors[0] and f"{tmp_path / 'none'}/train/<class>/" in errors[0]
+    assert "data=digits" in errors[0]
+
+
 def test_decoded_images_are_cached_and_a_changed_file_invalidates_them(tmp_path, monkeypatch):
     root = cifar_folder(tmp_path / "cifar")
     cfg = data_cfg("data=cifar10", f"data.root={root}", "data.augment=none")
