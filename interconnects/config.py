@@ -66,9 +66,11 @@ class TrainerConfig:
     compile: bool = False
     grad_clip: Optional[float] = None
     checkpoint_every_n_steps: int = 100  # step-level last.ckpt (0: at epoch ends only)
-    limit_train_batches: Optional[int] = None
+    limit_train_batches: Optional[int] = None  # batches of data.batch_size an epoch trains on (null: all)
+    # batches of data.eval_batch_size (null: max(data.batch_size, 256) images a batch), not of data.batch_size:
+    # limit_val_batches=3 with data.batch_size=1 still validates up to 768 images (the run's last line says so)
     limit_val_batches: Optional[int] = None
-    limit_test_batches: Optional[int] = None
+    limit_test_batches: Optional[int] = None  # batches of data.eval_batch_size, as limit_val_batches
     on_nonfinite: str = "stop"  # stop | skip
     log_every_n_steps: int = 10
     progress: bool = True

@@ -396,3 +396,38 @@ def test_acc_plot_keeps_the_test_point_visible_on_the_validation_point(tmp_path,
     assert all(line.get_markerfacecolor() == "none" for line in singles)  # hollow: what lies under shows
     assert len({line.get_markersize() for line in singles}) == 3  # nested, never the same size
     assert min(line.get_zorder() for line in singles) > lines["train"].get_zorder()
+
+
+# ---- 9. values that got through unremarked or crashed ----------------------------------------------------------
+
+def test_an_image_size_the_backbone_cannot_take_is_refused_naming_the_smallest(cli, tmp_path):
+    run = tmp_path / "run"
+    proc = cli("train.py", *SHORT, "data.image_size=2", f"hydra.run.dir={run}")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = _error_line(proc)
+    assert "data.image_size" in line and "the smallest size it takes is data.image_size=4" in line, line
+    assert "Traceback" not in proc.stdout + proc.stderr and not run.exists()
+    # and that size is indeed taken by the backbone
+    taken = cli("train.py", *SHORT, "data.image_size=4", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'four'}")
+    assert taken.returncode == 0, taken.stderr[-3000:]
+
+
+def test_a_validation_share_that_leaves_few_training_images_and_fp16_on_the_cpu_are_remarked(cli, tmp_path):
+    proc = cli("train.py", *SHORT, "data.val_fraction=0.9", "trainer.precision=16", "trainer.device=cpu",
+               "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    few = [ln for ln in log.splitlines() if "data.val_fraction=0.9 leaves" in ln]
+    assert len(few) == 1 and "images to train on" in few[0], log[-3000:]
+    assert sum("trainer.precision=16 on the CPU" in ln and "bf16" in ln for ln in log.splitlines()) == 1
+
+
+# ---- 10. trainer.limit_val_batches: the run says how many images its limits measured ---------------------------
+
+def test_the_limits_line_counts_the_images_of_each_limited_split(cli, tmp_path):
+    proc = cli("train.py", *QUIET, "data.batch_size=1", "data.eval_batch_size=50", "trainer.limit_train_batches=4",
+               "trainer.limit_val_batches=3", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in (proc.stdout + proc.stderr).splitlines() if "from a few batches only" in ln)
+    assert "trainer.limit_val_batches=3 (batches of 50: at most 150 validation images)" in line, line
+    assert "trainer.limit_train_batches=4 (batches of 1: at most 4 training images)" in line, line

@@ -22,9 +22,16 @@ log = logging.getLogger("interconnects")
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 
-def _limits_note(trainer_cfg) -> str:
-    limits = [f"trainer.{k}={trainer_cfg[k]}" for k in ("limit_train_batches", "limit_val_batches", "limit_test_batches")
-              if trainer_cfg.get(k)]
+def _limits_note(trainer_cfg, data, batch_size: int) -> str:
+    """What the ``trainer.limit_*_batches`` in effect measured: batches count in each split's own
+    batch size (validation and test: ``data.eval_batch_size``), so the note says how many images."""
+    limits = []
+    for key, split, size in (("limit_train_batches", "training", batch_size),
+                             ("limit_val_batches", "validation", data.val.batch_size),
+                             ("limit_test_batches", "test", data.test.batch_size)):
+        if trainer_cfg.get(key):
+            limits.append(f"trainer.{key}={trainer_cfg[key]} (batches of {size}: at most "
+                          f"{trainer_cfg[key] * size:,} {split} images)")
     return f"  (from a few batches only: {', '.join(limits)})" if limits else ""
 
 
@@ -63,7 +70,7 @@ def train(cfg: DictConfig) -> float | None:
     shown = {k: v for k, v in metrics.items() if k.startswith("test/") and k.count("/") == 1}
     if task.monitor in metrics:
         shown[task.monitor] = metrics[task.monitor]
-    log.info("%s%s", "  ".join(f"{k}={v:.4f}" for k, v in shown.items()), _limits_note(cfg.trainer))
+    log.info("%s%s", "  ".join(f"{k}={v:.4f}" for k, v in shown.items()), _limits_note(cfg.trainer, data, cfg.data.batch_size))
     log.info("run directory: %s", run_dir)
     log.info("checkpoints:   %s (best), last.ckpt beside it", run_dir / "checkpoints" / "best.ckpt")
     if cfg.logger.name == "tensorboard":
@@ -113,6 +120,9 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
     log.info("parameters: " + ", ".join(f"{name} {count:,}" for name, count in task.parameter_table()))
     log.info("data: %s, %d train / %d val / %d test images, device %s", cfg.data.name,
              len(data.train_view), len(data.val.dataset), len(data.test.dataset), trainer.device)
+    if len(data.train_view) < len(data.val.dataset):  # (more images validate than train)
+        log.warning("data.val_fraction=%g leaves %d images to train on (%d validate); a few percent usually "
+                    "suffices (the default is 0.1)", cfg.data.val_fraction, len(data.train_view), len(data.val.dataset))
     return task, data, trainer, optimizers, schedulers, state
 
 

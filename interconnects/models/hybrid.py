@@ -135,6 +135,27 @@ def _node_channels(interconnect: nn.Module, fmap: Tensor, image: Tensor) -> int:
     return graph.num_channels
 
 
+def _smallest_side(backbone: nn.Module, in_channels: int, above: int, limit: int = 1024) -> int | None:
+    """The smallest side ``s > above`` of a square image ``[1, C, s, s]`` that ``backbone`` takes
+    (``None`` if none up to ``limit`` does): doubling, then bisection."""
+    def takes(side: int) -> bool:
+        try:
+            backbone(torch.zeros(1, in_channels, side, side))
+            return True
+        except RuntimeError:
+            return False
+
+    low, high = above, max(above + 1, 2)
+    while not takes(high):
+        low, high = high, high * 2
+        if high > limit:
+            return None
+    while high - low > 1:  # takes(high), not takes(low)
+        middle = (low + high) // 2
+        low, high = (low, middle) if takes(middle) else (middle, high)
+    return high
+
+
 def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: nn.Module | None = None) -> HybridModel:
     """Build backbone → interconnect → GNN → decoder from ``cfg.backbone/interconnect/gnn/decoder``
     for images of ``in_channels × image_size``, without a task head: ``model(image)`` returns the
@@ -149,7 +170,15 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
     dummy = torch.zeros(2, in_channels, *image_size)
     backbone.eval()
     with torch.no_grad():
-        fmap = backbone(dummy)
+        try:
+            fmap = backbone(dummy)
+        except RuntimeError as exc:  # (a pooling or convolution with nothing left to cover)
+            smallest = _smallest_side(backbone, in_channels, max(image_size))
+            if smallest is None:
+                raise
+            raise ConfigError(f"data.image_size: images of {image_size[0]}x{image_size[1]} are too small for "
+                              f"{type(backbone).__name__}, whose feature map would have no cells left; the smallest "
+                              f"size it takes is data.image_size={smallest}") from None
     check_backbone(backbone, fmap)
     channels = fmap.shape[1]
     interconnect = build_part("interconnect", cfg.interconnect, in_channels=channels, image_size=tuple(image_size))
