@@ -129,20 +129,26 @@ def test_conv_reference_matches_the_graph_gan_in_size_and_refuses_graph_options(
         GANTask(1, (28, 28), (0.1,), (0.3,), 10, generator={"kind": "mlp"})
 
 
-def test_ema_generator_copies_batch_norm_statistics():
+@pytest.mark.parametrize("buffers", ["copy", "average"])
+def test_ema_generator_copies_or_averages_batch_norm_statistics(buffers):
     torch.manual_seed(0)
-    task = tiny_gan(ema_decay=0.9)
+    task = tiny_gan(ema_decay=0.9, ema_buffers=buffers)
     optimize = make_optimize(task)
     images = (torch.rand(8, 1, 28, 28) - 0.1307) / 0.3081
     task.train()
     for _ in range(2):
         task.training_step((images, torch.zeros(8)), forward, optimize)
     live, ema = dict(task.generator.named_buffers()), dict(task.generator_ema.module.named_buffers())
-    assert any("running_mean" in k for k in live)
-    for key in live:
-        assert torch.equal(live[key], ema[key]), key
+    means = [k for k in live if k.endswith("running_mean")]
+    assert means
+    if buffers == "copy":
+        assert all(torch.equal(live[key], ema[key]) for key in live)
+    else:
+        assert all(not torch.equal(live[key], ema[key]) for key in means)
     # the parameters are averaged, not copied
     assert any(not torch.equal(a, b) for a, b in zip(task.generator.parameters(), task.generator_ema.module.parameters()))
+    with pytest.raises(ValueError, match=r"^task.ema_buffers='last' is not supported; choose one of 'average', 'copy'$"):
+        tiny_gan(ema_buffers="last")
 
 
 @pytest.mark.parametrize("kind", ["graph", "conv"])

@@ -37,6 +37,7 @@ from .fid import (
 )
 
 GAN_LOSSES = ("hinge", "nonsaturating", "lsgan")
+EMA_BUFFERS = ("average", "copy")
 #: The classes of ``task.generator.kind`` / ``task.discriminator.kind``.
 NETWORKS = {
     "generator": {"graph": GraphGenerator, "conv": ConvGenerator},
@@ -84,8 +85,7 @@ def generator_loss(kind: str, fake: Tensor) -> Tensor:
 
 class GANTask(Task):
     """The graph GAN: ``generator``, ``discriminator`` and ``generator_ema`` (the EMA weights, in the
-    checkpoint but in no optimizer; the generator's batch-norm statistics are copied into it, not
-    averaged, since they belong to the weights of the step).
+    checkpoint but in no optimizer).
 
     Args:
         generator: ``kind`` (``graph``: :class:`~interconnects.models.generative.GraphGenerator`,
@@ -95,6 +95,8 @@ class GANTask(Task):
         loss: ``hinge``, ``nonsaturating`` or ``lsgan``.
         r1_weight: weight of the R1 penalty ``γ/2·E‖∇D(real)‖²`` (0: off).
         ema_decay: decay of the generator's EMA, in ``[0, 1)`` (0 copies the weights each step).
+        ema_buffers: the EMA generator's batch-norm statistics: ``average`` (averaged like the
+            weights) or ``copy`` (the live generator's, copied each step).
         fid_features: ``classifier`` (a small classifier trained on the run's training images,
             cached) or ``inception`` (torch-fidelity's Inception-v3; needs its weights download).
         num_samples: generated images for the test metrics (at least this many, and at least as
@@ -118,6 +120,7 @@ class GANTask(Task):
         loss: str = "hinge",
         r1_weight: float = 0.0,
         ema_decay: float = 0.999,
+        ema_buffers: str = "average",
         fid_features: str = "classifier",
         num_samples: int = 1000,
         kid_subset_size: int = 1000,
@@ -131,6 +134,9 @@ class GANTask(Task):
             raise ValueError(f"task.r1_weight={r1_weight!r} is out of range; it must be a number ≥ 0 (0 turns R1 off)")
         if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
             raise ValueError(f"task.ema_decay={ema_decay!r} is out of range; it must be a number in [0, 1)")
+        if ema_buffers not in EMA_BUFFERS:
+            raise ValueError(f"task.ema_buffers={ema_buffers!r} is not supported; choose one of {', '.join(map(repr, EMA_BUFFERS))}")
+        self.ema_buffers = ema_buffers
         for key, value in (("num_samples", num_samples), ("kid_subset_size", kid_subset_size), ("sample_grid", sample_grid)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"task.{key}={value!r} is out of range; it must be an integer ≥ 1")
@@ -144,7 +150,7 @@ class GANTask(Task):
         self.generator = build_part("task.generator", gen_node, out_channels=in_channels, image_size=size)
         self.discriminator = build_part("task.discriminator", disc_node, in_channels=in_channels, image_size=size)
         self.generator_ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay),
-                                           use_buffers=False)
+                                           use_buffers=ema_buffers == "average")
         self.generator_ema.requires_grad_(False)
         # the fixed noise of the sample grid is part of the task (and of its checkpoint)
         noise = self.generator.noise(sample_grid, torch.Generator().manual_seed(0))
@@ -223,8 +229,11 @@ class GANTask(Task):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """EMA of the generator's parameters; its buffers (batch-norm statistics) copied as they are."""
+        """EMA of the generator's parameters; its buffers (batch-norm statistics) averaged too, or
+        copied as they are (``ema_buffers=copy``)."""
         self.generator_ema.update_parameters(self.generator)
+        if self.ema_buffers == "average":
+            return
         for ema_buffer, buffer in zip(self.generator_ema.module.buffers(), self.generator.buffers()):
             ema_buffer.copy_(buffer)
 
