@@ -4,8 +4,10 @@ SLIC (Achanta et al., TPAMI 2012) is k-means over colour and position, each pixe
 the seed centres near it. Here it is batched tensor code: the whole batch is segmented at once, each
 of a fixed number of iterations comparing every pixel with the four seed centres whose grid places
 surround it (the original SLIC's ``2S × 2S`` search window, for seeds at their grid places), by a few
-broadcast products over ``[B, quads, pixels per quad]``, so it runs on the CPU and the GPU alike and
-never loops over images or regions.
+fused multiply-adds over ``[pixels per quad, B · quads]`` planes, the centres then updated by one
+``scatter_add_`` over the flat batch, so it runs on the CPU and the GPU alike and never loops over
+images or regions. Five iterations by default: the regions' agreement with skimage's (ten) stops
+changing after four (docs/benchmarks.md).
 
 The seeds lie on the same regular grid as ``skimage.segmentation.slic`` places them, and the distance
 is its own: ``|Δcolour|² / compactness² + |Δposition|² / step²``, with colour the image in ``[0, 1]``
@@ -144,6 +146,39 @@ def seed_layout(height: int, width: int, num_segments: int, device=None) -> Seed
     return _seed_layout(height, width, num_segments, str(torch.device(device or "cpu")))
 
 
+class BatchSlots(NamedTuple):
+    """The flat indices of :meth:`Superpixels.cluster` for a batch of ``B`` images of one shape: the
+    slots ``(p, b, q)`` (quad ``q``'s ``p``-th pixel of image ``b``) laid out as ``[P, B·Q]`` planes."""
+
+    gather: Tensor  # [P·B·Q] long: the feature column of each slot, B·H·W (a zero column) for padding
+    seed_at: Tensor  # [B·S] long: the feature column of each seed's pixel
+    near: Tensor  # [4·B·Q] long: the ids (into the batch's B·S seeds) of each quad's four candidates
+    blocked: Tensor  # [4, B·Q] float: +inf for the candidates that fall off the seed grid, else 0
+    base: Tensor  # [1, B·Q] long: the id its first candidate would have on an unbounded seed grid
+    pixel_slot: Tensor  # [B·H·W] long: the slot of each pixel
+    image_seed: Tensor  # [B, 1] long: b·S, the first seed id of image b
+
+
+@functools.lru_cache(maxsize=16)
+def _batch_slots(height: int, width: int, num_segments: int, batch: int, device: str) -> BatchSlots:
+    grid = _seed_layout(height, width, num_segments, "cpu")
+    q, s, npix = grid.cand.shape[0], grid.seeds.shape[0], height * width
+    p = grid.members.numel() // q
+    image = torch.arange(batch).view(1, batch, 1)
+    real = torch.zeros(q * p, dtype=torch.bool).index_fill_(0, grid.slot, True).view(q, p).t().unsqueeze(1)
+    members = grid.members.view(q, p).t().unsqueeze(1)  # [P, 1, Q]
+    gather = torch.where(real, image * npix + members, batch * npix).flatten()
+    seed_at = (image.view(batch, 1) * npix + grid.seeds[:, 0] * width + grid.seeds[:, 1]).flatten()
+    near = (grid.cand.t().unsqueeze(1) + image * s).flatten()
+    blocked = grid.blocked.t().unsqueeze(1).expand(4, batch, q).reshape(4, batch * q)
+    base = (grid.first.view(1, q) + image.view(batch, 1) * s).view(1, batch * q)
+    slot = grid.slot.view(1, npix)
+    pixel_slot = (((slot % p) * batch + image.view(batch, 1)) * q + torch.div(slot, p, rounding_mode="floor")).flatten()
+    to = torch.device(device)
+    return BatchSlots(gather.to(to), seed_at.to(to), near.to(to), blocked.to(to), base.to(to), pixel_slot.to(to),
+                      (image.view(batch, 1) * s).to(to))
+
+
 def rgb_to_lab(rgb: Tensor) -> Tensor:
     """sRGB ``[B, 3, H, W]`` in ``[0, 1]`` → CIELAB ``[B, 3, H, W]`` (D65, ``L`` in ``[0, 100]``), as
     ``skimage.color.rgb2lab``."""
@@ -176,26 +211,40 @@ def _neighbour_views(t: Tensor, fill) -> list[Tensor]:
     return [padded[:, :-2, 1:-1], padded[:, 1:-1, :-2], padded[:, 2:, 1:-1], padded[:, 1:-1, 2:]]
 
 
+def _run_ends(labels: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The runs of equal labels along ``dim`` (2: rows, 1: columns) of ``labels [B, H, W]``:
+    ``(offset [B, H, W], end [B, H·W])``, each pixel's run index along the line times ``H·W`` (runs
+    count up along the line) and the flat id of the last pixel of its run."""
+    b, h, w = labels.shape
+    n = h * w
+    ids = torch.arange(n, device=labels.device).view(1, h, w)
+    line = labels.shape[dim]
+    start = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    start.narrow(dim, 1, line - 1).copy_(labels.narrow(dim, 1, line - 1) != labels.narrow(dim, 0, line - 1))
+    end = torch.ones_like(start)
+    end.narrow(dim, 0, line - 1).copy_(start.narrow(dim, 1, line - 1))
+    last = torch.where(end, ids, n).flip(dim).cummin(dim).values.flip(dim)  # the next run end at or after
+    return start.long().cumsum(dim).mul_(n), last.reshape(b, n)
+
+
 def connected_components(labels: Tensor) -> Tensor:
     """``labels [B, H, W]`` → ``[B, H, W]`` long: for every pixel the smallest flat pixel id of its
     4-connected component of equal labels.
 
-    Label propagation (each pixel takes the smallest id among its same-label neighbours) with pointer
-    jumping (each pixel then takes the id its id points at), repeated until nothing changes: a loop
-    over iterations, a few dozen at most on small images, every step over the whole batch.
+    Each round takes the minimum over every run of equal labels along the rows, then along the
+    columns (a running minimum per line, kept inside a run by subtracting a per-run offset, read
+    back at the run's last pixel), then jumps pointers (each pixel takes the id its id holds); rounds
+    repeat until nothing changes, a handful for compact regions, every step over the whole batch.
     """
     b, h, w = labels.shape
-    big = h * w
-    comp = torch.arange(big, device=labels.device).view(1, h, w).expand(b, h, w).contiguous()
-    same = [n == labels for n in _neighbour_views(labels, -1)]
+    n = h * w
+    off_row, end_row = _run_ends(labels, 2)
+    off_col, end_col = _run_ends(labels, 1)
+    comp = torch.arange(n, device=labels.device).view(1, h, w).expand(b, h, w).contiguous()
     while True:
-        best = comp
-        for neighbour, joined in zip(_neighbour_views(comp, big), same):
-            best = torch.minimum(best, torch.where(joined, neighbour, big))
-        flat = best.view(b, big)
-        flat = flat.gather(1, flat)  # pointer jumping: the id of my id (never larger, same component)
-        flat = flat.gather(1, flat)
-        best = flat.view(b, h, w)
+        best = (comp - off_row).cummin(2).values.add_(off_row).view(b, n).gather(1, end_row).view(b, h, w)
+        best = (best - off_col).cummin(1).values.add_(off_col).view(b, n).gather(1, end_col)
+        best = best.gather(1, best).view(b, h, w)  # pointer jumping: the id of my id (never larger, same component)
         if torch.equal(best, comp):
             return comp
         comp = best
@@ -271,7 +320,7 @@ class Superpixels(nn.Module):
         self,
         num_segments: int = 75,
         compactness: float = 0.25,
-        iterations: int = 10,
+        iterations: int = 5,
         edges: str = "knn",
         k: int = 8,
         min_size_factor: float = 0.5,
@@ -313,51 +362,54 @@ class Superpixels(nn.Module):
         b, _, h, w = image.shape
         device = image.device
         grid = seed_layout(h, w, self.num_segments, device)
-        seeds, step, s = grid.seeds, grid.step, grid.seeds.shape[0]
+        at = _batch_slots(h, w, self.num_segments, b, str(torch.device(device)))
+        step, s, q = grid.step, grid.seeds.shape[0], grid.cand.shape[0]
+        p = grid.members.numel() // q  # the most pixels a quad has (short quads padded)
+        npix, gw = h * w, grid.shift[2]
         colour = slic_colour(image) / self.compactness  # [B, Cc, H, W]
-        npix = h * w
-        rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w) / step
-        cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h) / step
-        feats = torch.cat([colour.flatten(2), torch.stack([rows, cols]).expand(b, 2, npix)], dim=1)  # [B, D, H·W]
-        d = feats.shape[1]
-        # the pixels grouped by quad, [D, B, Q, P] (P: the most pixels a quad has, short quads padded):
-        # every pixel of a quad is scored against the quad's four seeds by a few broadcast products,
-        # |f - c|² = |f|² - 2 f·c + |c|², where |f|² does not change which seed is nearest
-        q = grid.cand.shape[0]
-        cells = feats.index_select(2, grid.members).view(b, d, q, -1).transpose(0, 1).contiguous()  # [D, B, Q, P]
-        real = torch.zeros(q * cells.shape[-1], device=device).index_fill_(0, grid.slot, 1.0)  # not padding
-        real = real.view(1, q, -1).expand(b, -1, -1).flatten()
-        weighted = [(cells[i].flatten() * real) for i in range(d)]  # padding weighs nothing in the means
-        centres = feats[:, :, seeds[:, 0] * w + seeds[:, 1]]  # [B, D, S]
-        # the winning candidate's seed id is the quad's first candidate plus its offset on the seed grid
-        # (candidates off the grid score +inf and never win, so their clamped ids do not matter)
-        offsets = (torch.arange(b, device=device) * s).view(b, 1, 1)
-        base = grid.first.view(1, q, 1) + offsets  # [B, Q, 1] the first candidate's id in the batch
-        labels = nearest = None
-        for _ in range(self.iterations):  # a loop over iterations; each is over the whole batch
-            near = centres.index_select(2, grid.cand.flatten()).view(b, d, q, 4)  # the quads' candidates
-            weight = (-2 * near).unsqueeze(-1)  # [B, D, Q, 4, 1]
-            bias = (near.pow(2).sum(1) + grid.blocked).unsqueeze(-1)  # [B, Q, 4, 1]
-            best = None
-            for j in range(4):  # the four candidates: a few passes over [B, Q, P] each
-                score = torch.addcmul(bias[:, :, j], cells[0], weight[:, 0, :, j])
+        d = colour.shape[1] + 2
+        # the feature planes [D + 1, B·H·W + 1]: colour, row and column (position over the step), a
+        # count of 1, and a zero column that padding slots read
+        feats = torch.zeros(d + 1, b * npix + 1, device=device)
+        feats[:d - 2, :-1].view(d - 2, b, npix).copy_(colour.flatten(2).transpose(0, 1))
+        feats[d - 2, :-1].view(b, h, w).copy_((torch.arange(h, device=device, dtype=torch.float32) / step).view(1, h, 1))
+        feats[d - 1, :-1].view(b, h, w).copy_((torch.arange(w, device=device, dtype=torch.float32) / step).view(1, 1, w))
+        feats[d, :-1] = 1.0
+        # Everything is kept as planes over the slots (p, b, q), quad q's p-th pixel of image b: each
+        # of the four candidates scores a whole [P, B·Q] plane against its seed by broadcast
+        # multiply-adds along the long B·Q axis, |f - c|² = |f|² - 2 f·c + |c|², where |f|² does not
+        # change which seed is nearest.
+        summed = feats.index_select(1, at.gather)  # [D + 1, P·B·Q]: what the centres are summed from
+        cells = summed[:d].view(d, p, b * q)
+        centres = feats[:d].index_select(1, at.seed_at)  # [D, B·S] the centres as planes
+        flat = None
+        for it in range(self.iterations):  # a loop over iterations; each is over the whole batch
+            near = centres.index_select(1, at.near).view(d, 4, b * q)  # [D, 4, B·Q] each quad's candidates
+            bias = near.pow(2).sum(0).add_(at.blocked)  # [4, B·Q]
+            weight = near.mul(-2)
+            score = []
+            for j in range(4):  # the four candidates: D fused multiply-adds over [P, B·Q] each
+                plane = torch.addcmul(bias[j], cells[0], weight[0, j])
                 for i in range(1, d):
-                    score.addcmul_(cells[i], weight[:, i, :, j])
-                if best is None:
-                    best, nearest = score, base.expand(score.shape)
-                else:
-                    nearest = torch.where(score < best, base + grid.shift[j], nearest)
-                    best = torch.minimum(best, score)
-            flat = nearest.flatten()  # [B·Q·P] ids into the batch's B·S seeds
-            count = torch.bincount(flat, real, minlength=b * s).view(b, 1, s)
-            sums = torch.stack([torch.bincount(flat, weighted[i], minlength=b * s) for i in range(d)])
-            sums = sums.view(d, b, s).transpose(0, 1).to(feats.dtype)  # [B, D, S]
-            centres = torch.where(count > 0, sums / count.clamp_min(1), centres)  # an empty one stays put
-        if nearest is not None:
-            labels = (nearest - offsets).view(b, -1).index_select(1, grid.slot)  # [B, H·W] each pixel's seed
-        if labels is None:  # iterations ≥ 1 is checked in __init__
+                    plane.addcmul_(cells[i], weight[i, j])
+                score.append(plane)
+            # the nearest of the four by two pairs (a tie goes to the lower seed id, as in a scan); its
+            # id is the quad's first candidate plus its offset on the seed grid: 0, 1, gw or gw + 1
+            # (candidates off the grid score +inf and never win, so their clamped ids do not matter)
+            right_top, right_bottom = score[1] < score[0], score[3] < score[2]
+            bottom = torch.minimum(score[2], score[3]) < torch.minimum(score[0], score[1])
+            right = right_top ^ (bottom & (right_top ^ right_bottom))
+            flat = torch.add(at.base, right).add_(bottom, alpha=gw).view(1, -1)  # [1, P·B·Q] ids into B·S
+            if it == self.iterations - 1:
+                break  # the last assignment is the answer: its centres are not needed
+            # every centre to the mean of its pixels, by one scatter_add_ over the flat batch (an empty one stays put)
+            sums = torch.zeros(d + 1, b * s, device=device).scatter_add_(1, flat.expand(d + 1, -1), summed)
+            count = sums[d:]
+            centres = torch.where(count > 0, sums[:d] / count.clamp_min(1), centres)
+        if flat is None:  # iterations ≥ 1 is checked in __init__
             raise ValueError("iterations must be ≥ 1")
-        return labels.view(b, h, w)
+        labels = flat.view(-1).index_select(0, at.pixel_slot).view(b, npix) - at.image_seed
+        return labels.view(b, h, w)  # [B, H, W] each pixel's seed
 
     # ---- the graph -----------------------------------------------------------------------------
     def forward(self, fmap: Tensor, image: Tensor | None = None) -> RegionGraphBatch:

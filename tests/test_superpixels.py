@@ -125,6 +125,26 @@ def test_every_region_is_one_connected_piece():
             assert any(max(_pieces(raw[n].numpy()).values()) > 1 for n in range(image.shape[0]))
 
 
+def test_connected_components_equal_scipys_labelling():
+    """Each pixel gets the smallest flat pixel id of its 4-connected piece of equal labels, on random
+    labels (many pieces, snakes and holes) of several shapes, thin ones included."""
+    from interconnects.superpixels import connected_components
+
+    torch.manual_seed(0)
+    for shape, k in [((4, 24, 24), 3), ((3, 32, 32), 30), ((2, 9, 13), 2), ((2, 1, 13), 2), ((2, 13, 1), 2)]:
+        labels = torch.randint(0, k, shape)
+        ours = connected_components(labels)
+        for n in range(shape[0]):
+            lab = labels[n].numpy()
+            expected = np.empty(lab.shape, dtype=np.int64)
+            for value in np.unique(lab):
+                pieces, count = ndimage.label(lab == value)
+                for piece in range(1, count + 1):
+                    where = np.flatnonzero(pieces == piece)
+                    expected.flat[where] = where.min()
+            assert np.array_equal(ours[n].numpy(), expected), shape
+
+
 def test_enforce_connectivity_moves_a_stray_piece_to_a_neighbouring_region():
     labels = torch.zeros(1, 6, 6, dtype=torch.long)
     labels[0, :, 3:] = 1
