@@ -4,6 +4,7 @@ what an experiment's data recipe keeps when the data source changes."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,18 @@ def test_an_experiments_data_recipe_survives_a_change_of_data_source(experiment)
     chosen = run_cli("train.py", f"experiment={experiment}", "data=image_folder", "data.batch_size=7",
                      "--cfg", "job", timeout=120)
     assert yaml.safe_load(chosen.stdout)["data"]["batch_size"] == 7
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiments_data_recipe_survives_data_image_folder(experiment):
+    """Composed in-process (the CLI path is the test above): each experiment keeps its batch size,
+    augmentation and crop padding when its data source becomes an image folder."""
+    from conftest import compose
+
+    own = compose([f"experiment={experiment}"]).data
+    moved = compose([f"experiment={experiment}", "data=image_folder", "data.root=somewhere"]).data
+    assert moved.name == "image_folder"
+    assert {key: moved[key] for key in RECIPE} == {key: own[key] for key in RECIPE}
