@@ -6,7 +6,7 @@ of a fixed number of iterations comparing every pixel with the four seed centres
 surround it (the original SLIC's ``2S × 2S`` search window, for seeds at their grid places), by a few
 fused multiply-adds over ``[pixels per quad, B · quads]`` planes, the centres then updated by one
 ``scatter_add_`` over the flat batch, so it runs on the CPU and the GPU alike and never loops over
-images or regions. Five iterations by default: the regions' agreement with skimage's (ten) stops
+images or regions. Four iterations by default: the regions' agreement with skimage's (ten) stops
 changing after four (docs/benchmarks.md).
 
 The seeds lie on the same regular grid as ``skimage.segmentation.slic`` places them, and the distance
@@ -234,7 +234,8 @@ def connected_components(labels: Tensor) -> Tensor:
     Each round takes the minimum over every run of equal labels along the rows, then along the
     columns (a running minimum per line, kept inside a run by subtracting a per-run offset, read
     back at the run's last pixel), then jumps pointers (each pixel takes the id its id holds); rounds
-    repeat until nothing changes, a handful for compact regions, every step over the whole batch.
+    repeat until the column pass changes nothing, a handful for compact regions, every step over the
+    whole batch.
     """
     b, h, w = labels.shape
     n = h * w
@@ -242,12 +243,11 @@ def connected_components(labels: Tensor) -> Tensor:
     off_col, end_col = _run_ends(labels, 1)
     comp = torch.arange(n, device=labels.device).view(1, h, w).expand(b, h, w).contiguous()
     while True:
-        best = (comp - off_row).cummin(2).values.add_(off_row).view(b, n).gather(1, end_row).view(b, h, w)
-        best = (best - off_col).cummin(1).values.add_(off_col).view(b, n).gather(1, end_col)
-        best = best.gather(1, best).view(b, h, w)  # pointer jumping: the id of my id (never larger, same component)
-        if torch.equal(best, comp):
-            return comp
-        comp = best
+        rows = (comp - off_row).cummin(2).values.add_(off_row).view(b, n).gather(1, end_row).view(b, h, w)
+        cols = (rows - off_col).cummin(1).values.add_(off_col).view(b, n).gather(1, end_col)
+        if torch.equal(cols.view(b, h, w), rows):  # a fixed point of both passes (each is idempotent)
+            return rows
+        comp = cols.gather(1, cols).view(b, h, w)  # pointer jumping: the id of my id (never larger, same component)
 
 
 def enforce_connectivity(labels: Tensor, num_regions: int, min_size: float = 0.0) -> Tensor:
@@ -320,7 +320,7 @@ class Superpixels(nn.Module):
         self,
         num_segments: int = 75,
         compactness: float = 0.25,
-        iterations: int = 5,
+        iterations: int = 4,
         edges: str = "knn",
         k: int = 8,
         min_size_factor: float = 0.5,

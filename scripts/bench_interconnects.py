@@ -467,17 +467,32 @@ def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float, f
     return exact, recall, float(overlap.amax(2).sum()) / ours.numel()
 
 
-def bench_superpixels(root: Path, batch: int, device: torch.device, repeats: int, warmup: int) -> None:
+def load_baseline(path: Path):
+    """The ``Superpixels`` class of another version of ``interconnects/superpixels.py`` (e.g. from
+    ``git show REV:interconnects/superpixels.py > old.py``), imported inside the package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("interconnects._baseline_superpixels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Superpixels
+
+
+def bench_superpixels(root: Path, batch: int, device: torch.device, repeats: int, warmup: int,
+                      baseline: Path | None = None, sweep: tuple[int, ...] = (1, 2, 3, 4, 5, 10)) -> None:
     import numpy as np
     from skimage.segmentation import slic
 
     iterations = Superpixels().iterations
+    old = load_baseline(baseline) if baseline else None
     print(f"\nSuperpixels: {batch} images, batched SLIC (ours, {device.type}, {iterations} iterations) against "
           "skimage.segmentation.slic image by image on the CPU (10 iterations, its default), both with "
-          f"connectivity enforced, median of {repeats} after {warmup} warm-up (ms):\n")
-    print("| images | regions asked | nodes | regions (ours / skimage, mean) | ours (ms) | skimage (ms) | skimage/ours "
-          "| boundary recall (exact / 1 px) | ASA |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"connectivity enforced, median of {repeats} after {warmup} warm-up, taking turns (ms):\n")
+    extra = f" {baseline.name} (ms) | {baseline.name}/ours |" if old else ""
+    print(f"| images | regions asked | nodes | regions (ours / skimage, mean) | ours (ms) |{extra} skimage (ms) "
+          "| skimage/ours | boundary recall (exact / 1 px) | ASA |")
+    print("|---|---:|---:|---:|---:|" + ("---:|---:|" if old else "") + "---:|---:|---:|---:|")
+    sweeps = []
     for name, segments, compactness in SUPERPIXEL_ROWS:
         images = load_mnist(root, batch) if name == "MNIST" else load_cifar(root, batch)
         low = images.amin(dim=(1, 2, 3), keepdim=True)
@@ -493,14 +508,30 @@ def bench_superpixels(root: Path, batch: int, device: torch.device, repeats: int
             return np.stack([slic(a, n_segments=segments, compactness=compactness, channel_axis=channel_axis,
                                   start_label=0, max_num_iter=10) for a in arrays])
 
-        t_ours, t_theirs = time_group([lambda: sp.segment(on_device), theirs], device, repeats, warmup)
+        fns = [lambda: sp.segment(on_device), theirs]
+        if old:
+            before = old(num_segments=segments, compactness=compactness, iterations=10).to(device)
+            fns.append(lambda: before.segment(on_device))
+        times = time_group(fns, device, repeats, warmup)
+        t_ours, t_theirs = times[:2]
         ours_regions = sp.segment(on_device).cpu()
         their_regions = torch.from_numpy(theirs())
         exact, recall, asa = agreement(ours_regions, their_regions)
         count = lambda r: float(np.mean([len(torch.unique(x)) for x in r]))  # noqa: E731
         nodes = sp(on_device).num_nodes
+        extra = f" {times[2]:.1f} | {times[2] / t_ours:.1f}× |" if old else ""
         print(f"| {batch} {name} | {segments} | {nodes} | {count(ours_regions):.1f} / {count(their_regions):.1f} "
-              f"| {t_ours:.1f} | {t_theirs:.1f} | {t_theirs / t_ours:.1f}× | {exact:.3f} / {recall:.3f} | {asa:.3f} |", flush=True)
+              f"| {t_ours:.1f} |{extra} {t_theirs:.1f} | {t_theirs / t_ours:.1f}× | {exact:.3f} / {recall:.3f} "
+              f"| {asa:.3f} |", flush=True)
+        for its in sweep:
+            regions = Superpixels(num_segments=segments, compactness=compactness, iterations=its).to(device)
+            sweeps.append((name, its, agreement(regions.segment(on_device).cpu(), their_regions)))
+    print("\nAgreement with skimage (10 iterations) by our iteration count (boundary recall exact / 1 px, ASA):\n")
+    print("| images | " + " | ".join(f"{its} it." for its in sweep) + " |")
+    print("|---|" + "---:|" * len(sweep))
+    for name, _, _ in SUPERPIXEL_ROWS:
+        cells = [f"{e:.3f} / {r:.3f}, {a:.3f}" for n, _, (e, r, a) in sweeps if n == name]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def superpixel_model(experiment: str, batch: int, flat_edges: bool):
@@ -572,6 +603,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data-root", type=Path, default=DATASETS,
                         help="the shared datasets folder the superpixel rows read (default ../shared/datasets)")
     parser.add_argument("--superpixel-images", type=int, default=128, help="images per superpixel row (default 128)")
+    parser.add_argument("--superpixels-baseline", type=Path, default=None, metavar="FILE",
+                        help="another version of interconnects/superpixels.py (git show REV:interconnects/superpixels.py "
+                             "> FILE), timed at 10 iterations in the same rows")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -587,7 +621,7 @@ def main(argv=None) -> None:
 
     print(describe_machine(device))
     if args.only == "superpixels":
-        bench_superpixels(args.data_root, args.superpixel_images, device, repeats, warmup)
+        bench_superpixels(args.data_root, args.superpixel_images, device, repeats, warmup, args.superpixels_baseline)
         bench_superpixel_step(args.data_root, args.superpixel_images, device, repeats, warmup)
         return
     print(
