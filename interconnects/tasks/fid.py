@@ -188,14 +188,19 @@ def real_fid(features: nn.Module, reference: Tensor, other: Tensor) -> float:
     """FID between two sets of real images (``[N, C, H, W]``, ``uint8`` or ``[0, 1]``) in ``features``:
     the floor of a generator's FID against ``reference`` when it is measured with as many samples as
     ``other`` holds (0 for a set against itself)."""
-    fid = FrechetInceptionDistance(feature=features, normalize=True)
+    fid = build_fid(features)
     feed(fid, reference, real=True)
     feed(fid, other, real=False)
     return float(fid.compute())
 
 
+def build_fid(features: nn.Module) -> FrechetInceptionDistance:
+    """FID measured on ``features`` (images in ``[0, 1]`` → ``[B, F]``)."""
+    return FrechetInceptionDistance(feature=features, normalize=True)
+
+
 def build_metrics(features: nn.Module, kid_subset_size: int) -> tuple[FrechetInceptionDistance, KernelInceptionDistance]:
     """FID and KID measured on ``features`` (images in ``[0, 1]`` → ``[B, F]``)."""
-    fid = FrechetInceptionDistance(feature=features, normalize=True)
+    fid = build_fid(features)
     kid = KernelInceptionDistance(feature=features, normalize=True, subsets=50, subset_size=kid_subset_size)
     return fid, kid

@@ -2,8 +2,9 @@
 
 Generator: random node features on a latent grid → GNN → graph → CNN → upsampling → ``tanh``.
 Discriminator: CNN features → kNN graph in feature space → GNN → node scores → MLP → one logit
-(:mod:`interconnects.models.generative`). Losses ``hinge`` (default), ``nonsaturating``, ``lsgan``;
-spectral norm, an R1 penalty, two learning rates (``optimizer.generator`` /
+(:mod:`interconnects.models.generative`); ``generator.kind=conv`` / ``discriminator.kind=conv`` put
+3×3 convolutions in place of the graph steps (the conventional reference). Losses ``hinge``
+(default), ``nonsaturating``, ``lsgan``; spectral norm, an R1 penalty, two learning rates (``optimizer.generator`` /
 ``optimizer.discriminator``) and an EMA of the generator's weights, which makes the samples and the
 metrics.
 
@@ -11,7 +12,8 @@ Images: the data's normalised images are mapped to ``[-1, 1]`` pixels (``2·(x·
 the generator's range, before the discriminator sees them; FID / KID take ``[0, 1]`` pixels.
 Metrics: ``fid`` each validation epoch (monitored, lower is better) against the validation images;
 at test ``fid``, ``kid`` and ``sample_confidence`` (mean top softmax of the FID classifier on the
-samples) with at least ``num_samples`` generated images against the test images.
+samples) with at least ``num_samples`` generated images against the test images, and
+``fid_real``, as many real training images against the same test images: the floor of ``fid``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .base import Forward, Optimize, Task
 from .fid import (
     ClassifierFeatures,
     InceptionFeatures,
+    build_fid,
     build_metrics,
     check_fid_features,
     feed,
@@ -255,7 +258,7 @@ class GANTask(Task):
             features = ClassifierFeatures(classifier)
         device = self.fixed_noise.device
         fid, kid = build_metrics(features, self.kid_subset_size)
-        fid_real, _ = build_metrics(features, self.kid_subset_size)
+        fid_real = build_fid(features)
         self._quality = {"fid": fid.to(device), "kid": kid.to(device), "fid_real": fid_real.to(device),
                          "classifier": classifier.to(device) if classifier is not None else None,
                          "train_images": data.train_view.images}
