@@ -98,8 +98,9 @@ def _cost_warnings(caplog, *overrides: str) -> list[str]:
     task = build_task(cfg, info)
     caplog.clear()
     with caplog.at_level("WARNING", logger="interconnects"):
-        warn_costs(task, info.in_channels, tuple(info.image_size), cfg.data.batch_size)
-    return [r.getMessage() for r in caplog.records if "expect slow steps" in r.getMessage()]
+        warn_costs(task, info.in_channels, tuple(info.image_size), cfg.data.batch_size,
+                   cfg.data.get("eval_batch_size") or max(cfg.data.batch_size, 256))
+    return [r.getMessage() for r in caplog.records if "expect slow" in r.getMessage()]
 
 
 def test_the_default_hybrid_is_not_warned_about(caplog):
@@ -111,7 +112,13 @@ def test_a_wide_backbone_at_a_large_batch_is_warned_naming_the_keys(caplog):
     """Not a graph at all: resnet18's convolutions at batch 64 (62 GMAC a step by the count)."""
     [line] = _cost_warnings(caplog, "backbone=resnet18", "data.batch_size=64")
     assert "data.batch_size=64" in line and "backbone" in line and "GMAC a training step" in line
-    assert _cost_warnings(caplog, "backbone=resnet18", "data.batch_size=2") == []
+    assert _cost_warnings(caplog, "backbone=resnet18", "data.batch_size=2", "data.eval_batch_size=2") == []
+
+
+def test_a_large_evaluation_batch_is_warned_though_training_steps_are_small(caplog):
+    """Found by the search: resnet18 at batch 1 trains in 0.1 GMAC a step, but evaluates 256 images at once."""
+    [line] = _cost_warnings(caplog, "backbone=resnet18", "data.batch_size=1")
+    assert "expect slow evaluation" in line and "data.eval_batch_size=256" in line
 
 
 def test_a_gcn_on_a_large_complete_graph_is_warned_though_it_builds_no_tensor_per_edge(caplog):
@@ -119,7 +126,8 @@ def test_a_gcn_on_a_large_complete_graph_is_warned_though_it_builds_no_tensor_pe
     [line] = _cost_warnings(caplog, "backbone=pixels", "gnn=gcn", "data.batch_size=64")
     assert "784 nodes" in line and "614,656 edges" in line and "gnn.hidden_channels=64" in line
     assert "gnn.num_layers=2" in line and "data.batch_size=64" in line and "tensor per edge" not in line
-    assert _cost_warnings(caplog, "backbone=pixels", "gnn=gcn", "data.batch_size=2", "gnn.hidden_channels=8") == []
+    assert _cost_warnings(caplog, "backbone=pixels", "gnn=gcn", "data.batch_size=2", "data.eval_batch_size=2",
+                          "gnn.hidden_channels=8") == []
 
 
 def test_the_estimate_leaves_the_rng_and_the_train_mode_as_they_were():

@@ -120,9 +120,10 @@ def _keys(model, cost: StepCost, batch_size: int) -> list[str]:
 
 
 def warn_costs(task, in_channels: int | None = None, image_size: tuple[int, int] | None = None,
-               batch_size: int = 1) -> None:
+               batch_size: int = 1, eval_batch_size: int | None = None) -> None:
     """Say before training, in one line per network, when a training step of ``batch_size``
-    images projects to more than :data:`SLOW_STEP_S` on a CPU or its per-edge tensors to more
+    images (or an evaluation step of ``eval_batch_size``, a forward pass: a third of the work an
+    image) projects to more than :data:`SLOW_STEP_S` on a CPU or its per-edge tensors to more
     than :data:`PER_EDGE_BYTES`, naming the keys that make it large and what is cheaper."""
     from ..models.hybrid import HybridModel
 
@@ -143,6 +144,12 @@ def warn_costs(task, in_channels: int | None = None, image_size: tuple[int, int]
         memory = cost.per_edge_bytes * batch_size
         complete = cost.dense and per_edge and cost.nodes > 256  # quadratic memory, whatever the batch
         if seconds < SLOW_STEP_S and memory < PER_EDGE_BYTES and not complete:
+            evaluation = cost.step_macs(eval_batch_size or 0) / 3
+            if evaluation / CPU_MACS_PER_S >= SLOW_STEP_S:
+                label = "" if name == "model" else f"{name}: "
+                log.warning("%sexpect slow evaluation: %s GMAC an evaluation step (about %.1f s on a 2-core CPU); "
+                            "from data.eval_batch_size=%d; cheaper: a smaller data.eval_batch_size", label,
+                            f"{evaluation / 1e9:,.0f}", evaluation / CPU_MACS_PER_S, eval_batch_size)
             continue
         what = f"{cost.step_macs(batch_size) / 1e9:,.0f} GMAC a training step (about {seconds:.1f} s on a 2-core CPU)"
         if memory >= PER_EDGE_BYTES:

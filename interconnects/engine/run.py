@@ -114,7 +114,8 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
                               f"python evaluate.py ckpt_path={cfg.ckpt_path}")
     elif cfg.get("init_from"):
         init_from_weights(task, cfg.init_from)
-    warn_costs(task, info.in_channels, tuple(info.image_size), cfg.data.batch_size)
+    warn_costs(task, info.in_channels, tuple(info.image_size), cfg.data.batch_size,
+               cfg.data.get("eval_batch_size") or max(cfg.data.batch_size, 256))
     trainer = Trainer(cfg.trainer, run_dir, config, cfg.logger.name, resume_hint(run_dir))
     data = build_data(cfg.data, cfg.seed, trainer.device)
     log.info("parameters: " + ", ".join(f"{name} {count:,}" for name, count in task.parameter_table()))
