@@ -154,6 +154,8 @@ class Composer:
                f"trainer.limit_val_batches={pick([1, 2, 3])}",
                f"trainer.limit_test_batches={pick([1, 2])}",
                f"data.batch_size={pick([1, 2, 3, 5, 7, 9, 13, 32])}",
+               # (evaluation batches are 256 images by default: minutes a batch for resnet18 on a CPU)
+               f"data.eval_batch_size={pick([1, 2, 3, 7, 16, 33])}",
                f"trainer.precision={pick(['32', '32', 'bf16'])}",
                f"seed={rng.randint(0, 3)}"]
         size = pick([None, None, 9, 13, 17, 23, 28, 30, 31])
