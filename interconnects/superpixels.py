@@ -380,19 +380,16 @@ class Superpixels(nn.Module):
         # multiply-adds along the long B·Q axis, |f - c|² = |f|² - 2 f·c + |c|², where |f|² does not
         # change which seed is nearest.
         summed = feats.index_select(1, at.gather)  # [D + 1, P·B·Q]: what the centres are summed from
-        cells = summed[:d].view(d, p, b * q)
+        cells = summed[:d].view(d, 1, p, b * q)
         centres = feats[:d].index_select(1, at.seed_at)  # [D, B·S] the centres as planes
         flat = None
         for it in range(self.iterations):  # a loop over iterations; each is over the whole batch
             near = centres.index_select(1, at.near).view(d, 4, b * q)  # [D, 4, B·Q] each quad's candidates
-            bias = near.pow(2).sum(0).add_(at.blocked)  # [4, B·Q]
-            weight = near.mul(-2)
-            score = []
-            for j in range(4):  # the four candidates: D fused multiply-adds over [P, B·Q] each
-                plane = torch.addcmul(bias[j], cells[0], weight[0, j])
-                for i in range(1, d):
-                    plane.addcmul_(cells[i], weight[i, j])
-                score.append(plane)
+            bias = near.pow(2).sum(0).add_(at.blocked).unsqueeze(1)  # [4, 1, B·Q]
+            weight = near.mul(-2).unsqueeze(2)  # [D, 4, 1, B·Q]
+            score = torch.addcmul(bias, cells[0], weight[0])  # [4, P, B·Q]: D fused multiply-adds
+            for i in range(1, d):
+                score.addcmul_(cells[i], weight[i])
             # the nearest of the four by two pairs (a tie goes to the lower seed id, as in a scan); its
             # id is the quad's first candidate plus its offset on the seed grid: 0, 1, gw or gw + 1
             # (candidates off the grid score +inf and never win, so their clamped ids do not matter)

@@ -474,6 +474,7 @@ def load_baseline(path: Path):
 
     spec = importlib.util.spec_from_file_location("interconnects._baseline_superpixels", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up)
     spec.loader.exec_module(module)
     return module.Superpixels
 
