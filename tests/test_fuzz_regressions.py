@@ -143,3 +143,100 @@ def test_the_estimate_leaves_the_rng_and_the_train_mode_as_they_were():
     cost = step_cost(model, info.in_channels, tuple(info.image_size))
     assert torch.equal(torch.random.get_rng_state(), state) and model.training
     assert cost.nodes == 16 and cost.cnn > 0 and cost.graph > 0
+
+
+# ---- a training batch of one image where a BatchNorm layer sees a single value per channel ----------------
+
+def test_a_batch_of_one_image_on_a_one_by_one_map_is_refused_before_any_work(tmp_path):
+    """airbench on 7×7 images ends in a 1×1 map; at ``data.batch_size=1`` its BatchNorm sees one value
+    per channel, which failed at the first training step and left checkpoints/ and tensorboard/ behind."""
+    proc = run_cli("train.py", "data=digits", "backbone=airbench", "backbone.width=4", "data.image_size=7",
+                   "data.batch_size=1", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                   "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: data.batch_size=1 leaves a training batch of one image, in which BatchNorm layer "
+                           "model.backbone.blocks.1.norm1 (input [1, 16, 1, 1]) sees one value per channel")
+    assert "data.batch_size=2" in line and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_epoch_ending_in_one_image_is_refused_only_when_the_run_reaches_it():
+    from interconnects.config import ConfigError
+    from interconnects.engine.run import _refuse_single_image_batches
+
+    norm = "model.backbone.blocks.1.norm1 (input [1, 16, 1, 1])"
+    with pytest.raises(ConfigError) as refused:  # 1293 images = 646 batches of 2 + 1
+        _refuse_single_image_batches(norm, 2, 1293, None)
+    assert str(refused.value).startswith("data.batch_size=2 leaves a last training batch of one image "
+                                         "(1293 training images = 646 batches of 2 + 1)")
+    assert "e.g. data.batch_size=3" in str(refused.value) and 1293 % 3 != 1
+    _refuse_single_image_batches(norm, 2, 1293, 646)  # (the limited epoch never reaches the last batch)
+    _refuse_single_image_batches(norm, 3, 1293, None)  # (no image left over)
+    _refuse_single_image_batches(norm, 2, 1293 + 1, None)
+    _refuse_single_image_batches(None, 1, None)  # (no layer that one image troubles)
+    with pytest.raises(ConfigError, match=r"^data\.batch_size=1 leaves a training batch of one image"):
+        _refuse_single_image_batches(norm, 1, None)
+
+
+def test_the_single_value_check_changes_no_statistic_rng_or_mode():
+    from conftest import compose
+    from interconnects.data import data_info
+    from interconnects.engine.build import build_task
+    from interconnects.models.hybrid import single_value_norms
+
+    cfg = compose(["data=digits", "backbone=airbench", "backbone.width=4", "data.image_size=7"])
+    info = data_info(cfg.data)
+    model = build_task(cfg, info).networks()["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.random.get_rng_state()
+    found = single_value_norms(model, info.in_channels, tuple(info.image_size))
+    # the backbone's 1×1 map, the GNN's norms over a graph of one node, the decoder's 1×1 map
+    assert found == [("backbone.blocks.1.norm1", (1, 16, 1, 1)), ("backbone.blocks.1.norm2", (1, 16, 1, 1)),
+                     ("gnn.norms.0.norm", (1, 64)), ("gnn.norms.1.norm", (1, 64)), ("decoder.convs.0.1", (1, 32, 1, 1))]
+    assert torch.equal(torch.random.get_rng_state(), state) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # 13×13 images leave airbench a 3×3 map (nine values per channel, a graph of nine nodes): accepted
+    cfg = compose(["data=digits", "backbone=airbench", "backbone.width=4", "data.image_size=13"])
+    assert single_value_norms(build_task(cfg, data_info(cfg.data)).networks()["model"], 1, (13, 13)) == []
+
+
+# ---- trainer.compile=true where the backend fails to compile (inductor's C++ error on gatedgcn) -----------
+
+def test_a_backend_compile_failure_falls_back_to_the_uncompiled_model_with_one_warning(tmp_path, monkeypatch, caplog):
+    """The backend is replaced by one that fails as inductor's C++ compile did; the step runs eagerly."""
+    import torch._dynamo
+    from torch._inductor.exc import CppCompileError
+
+    from conftest import compose
+    from interconnects.engine.loop import CompiledOrEager, Trainer
+
+    calls = []
+
+    def failing_backend(graph_module, example_inputs):
+        calls.append(1)
+        raise CppCompileError(["g++", "kernel.cpp"], "kernel.cpp:1: error: expected ';'")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: real_compile(module, backend=failing_backend))
+    torch._dynamo.reset()
+    cfg = compose(["data=digits", "trainer.compile=true", "trainer.device=cpu"])
+    trainer = Trainer(cfg.trainer, tmp_path, {}, "none")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    try:
+        with caplog.at_level("WARNING", logger="interconnects"):
+            first = trainer.forward(model, x)
+            second = trainer.forward(model, x[:2])
+    finally:
+        torch._dynamo.reset()
+    assert isinstance(trainer.wrap(model), CompiledOrEager) and trainer.wrap(model).failed
+    assert calls == [1]  # compiled once, then never tried again
+    assert torch.equal(first, model(x)) and torch.equal(second, model(x[:2]))
+    first.sum().backward()  # the eager result trains the module's own parameters
+    assert model[0].weight.grad is not None
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("trainer.compile=true: torch.compile could not compile Sequential")
+    assert "runs uncompiled" in warning and "trainer.compile=false" in warning and "\n" not in warning
+    assert not list(tmp_path.iterdir())

@@ -120,6 +120,39 @@ def _take(batch, n: int):
     return [t[:n] if isinstance(t, torch.Tensor) else t for t in batch]
 
 
+class CompiledOrEager(torch.nn.Module):
+    """``module`` under ``torch.compile``, until its backend fails to compile a graph (a C++ or CUDA
+    compile error from inductor, at the first call or at a recompilation for new shapes): then one
+    warning line naming ``trainer.compile``, and ``module`` runs uncompiled (eager) for the rest of the
+    run, starting with the call that failed. Same inputs and outputs as ``module``."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.compiled = torch.compile(module)  # (a plain attribute of the same parameters: no second copy)
+        self.failed = False
+
+    def __setattr__(self, name, value):
+        if name == "compiled":  # (an OptimizedModule would register as a submodule)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            from torch._dynamo.exc import BackendCompilerFailed
+
+            try:
+                return self.compiled(*args, **kwargs)
+            except BackendCompilerFailed as exc:
+                self.failed = True
+                reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                log.warning("trainer.compile=true: torch.compile could not compile %s (%s: %s); it runs uncompiled "
+                            "for the rest of the run (trainer.compile=false skips the attempt)",
+                            type(self.module).__name__, type(exc).__name__, reason[:200])
+        return self.module(*args, **kwargs)
+
+
 class Trainer:
     """Fits a task: ``fit(task, data, optimizers, schedulers, ckpt_path) -> metrics``.
 
@@ -160,7 +193,7 @@ class Trainer:
         gradients, runs the bare network on each rank's shard)."""
         if self.cfg.compile:
             if id(module) not in self._wrapped:
-                self._wrapped[id(module)] = torch.compile(module)
+                self._wrapped[id(module)] = CompiledOrEager(module)
             module = self._wrapped[id(module)]
         if distributed.is_distributed() and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
             if id(module) not in self._ddp:

@@ -114,10 +114,15 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
                               f"python evaluate.py ckpt_path={cfg.ckpt_path}")
     elif cfg.get("init_from"):
         init_from_weights(task, cfg.init_from)
+    # (a batch of one image: refused here, before anything is logged; an epoch's last such batch once
+    # the training split's size is known)
+    single_norm = _single_image_norm(task, info)
+    _refuse_single_image_batches(single_norm, cfg.data.batch_size)
     warn_costs(task, info.in_channels, tuple(info.image_size), cfg.data.batch_size,
                cfg.data.get("eval_batch_size") or max(cfg.data.batch_size, 256))
     trainer = Trainer(cfg.trainer, run_dir, config, cfg.logger.name, resume_hint(run_dir))
     data = build_data(cfg.data, cfg.seed, trainer.device)
+    _refuse_single_image_batches(single_norm, cfg.data.batch_size, len(data.train_view), cfg.trainer.limit_train_batches)
     log.info("parameters: " + ", ".join(f"{name} {count:,}" for name, count in task.parameter_table()))
     log.info("data: %s, %d train / %d val / %d test images, device %s", cfg.data.name,
              len(data.train_view), len(data.val.dataset), len(data.test.dataset), trainer.device)
@@ -125,6 +130,47 @@ def _prepare_training(cfg: DictConfig, run_dir: Path):
         log.warning("data.val_fraction=%g leaves %d images to train on (%d validate); a few percent usually "
                     "suffices (the default is 0.1)", cfg.data.val_fraction, len(data.train_view), len(data.val.dataset))
     return task, data, trainer, optimizers, schedulers, state
+
+
+def _single_image_norm(task, info) -> str | None:
+    """The first BatchNorm layer of the task's networks that a training batch of one image would give a
+    single value per channel (training mode cannot normalise it): ``"network.layer (input [1, C, 1, 1])"``,
+    or ``None``."""
+    from ..models.hybrid import HybridModel, single_value_norms
+
+    for network, model in task.networks().items():
+        if isinstance(model, HybridModel):
+            norms = single_value_norms(model, info.in_channels, tuple(info.image_size))
+            if norms:
+                return f"{network}.{norms[0][0]} (input {list(norms[0][1])})"
+    return None
+
+
+def _refuse_single_image_batches(norm: str | None, batch_size: int, num_train: int | None = None,
+                                 limit: int | None = None) -> None:
+    """Refuse ``data.batch_size=1`` (``num_train=None``), or a batch size whose epoch of ``num_train``
+    images ends in a batch of one image that the run reaches, when ``norm`` (see
+    :func:`_single_image_norm`) would see one value per channel in it."""
+    import math
+
+    from ..config import ConfigError
+
+    if norm is None or batch_size < 1:
+        return
+    if num_train is None:
+        if batch_size != 1:
+            return
+        what, accepted = "a training batch of one image", 2
+    else:
+        full = math.ceil(num_train / batch_size)
+        if batch_size == 1 or num_train - (full - 1) * batch_size != 1 or (limit and limit < full):
+            return
+        what = f"a last training batch of one image ({num_train} training images = {full - 1} batches of {batch_size} + 1)"
+        accepted = min((b for b in range(max(2, batch_size - 3), batch_size + 8) if num_train % b != 1),
+                       key=lambda b: (abs(b - batch_size), b))
+    raise ConfigError(f"data.batch_size={batch_size} leaves {what}, in which BatchNorm layer {norm} sees one value per "
+                      f"channel and cannot train; use a batch size that leaves no single image over, e.g. "
+                      f"data.batch_size={accepted}, or a larger data.image_size")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -230,3 +230,38 @@ def parameter_table(model: nn.Module) -> list[tuple[str, int]]:
     rows = [(name, sum(p.numel() for p in child.parameters() if p.requires_grad)) for name, child in model.named_children()]
     rows.append(("total", sum(n for _, n in rows)))
     return rows
+
+
+def single_value_norms(model: nn.Module, in_channels: int, image_size: tuple[int, int]) -> list[tuple[str, tuple[int, ...]]]:
+    """The BatchNorm layers of ``model`` that a training step of one image ``[1, C, H, W]`` would give
+    a single value per channel (a ``1×1`` map, a graph of one node), which training mode refuses:
+    ``[(layer name, its input shape)]``, in the order the forward pass meets them. Runs one forward
+    pass of a zero image in eval mode under ``no_grad``, so no running statistic changes; the RNG
+    states and the train mode are left as they were."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    found: list[tuple[str, tuple[int, ...]]] = []
+
+    def record(name: str):
+        def hook(module, inputs):
+            x = inputs[0] if inputs else None
+            if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] and x.numel() // x.shape[1] == 1:
+                found.append((name, tuple(x.shape)))
+        return hook
+
+    was_training = model.training
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    if not hooks:
+        return []
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model(torch.zeros(1, in_channels, *image_size, device=device))
+    except Exception:  # noqa: BLE001 - (a layer that refuses one value even in eval mode: what was seen so far)
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return found
