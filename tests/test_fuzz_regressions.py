@@ -161,6 +161,19 @@ def test_a_batch_of_one_image_on_a_one_by_one_map_is_refused_before_any_work(tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_an_epoch_ending_in_one_image_is_refused_through_the_cli_and_leaves_no_directory(tmp_path):
+    """The last-batch check needs the data's size, so it runs after the log's first lines: the
+    refused run's directory (only .hydra/ and that log) is removed all the same."""
+    proc = run_cli("train.py", "data=digits", "backbone=airbench", "backbone.width=4", "data.image_size=7",
+                   "data.batch_size=2", "trainer.max_epochs=1", "trainer.progress=false",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: data.batch_size=2 leaves a last training batch of one image")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_epoch_ending_in_one_image_is_refused_only_when_the_run_reaches_it():
     from interconnects.config import ConfigError
     from interconnects.engine.run import _refuse_single_image_batches

@@ -182,7 +182,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     try:
         return _evaluate(cfg, run_dir)
     except BaseException:
-        remove_if_untouched(run_dir, any_log=True)
+        remove_if_untouched(run_dir, "evaluate.log")
         raise
 
 

@@ -55,19 +55,17 @@ def is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def remove_if_untouched(run_dir: Path, any_log: bool = False) -> None:
-    """A new run that failed before any work leaves no run directory behind (in a sweep it stays:
-    it holds the job's error). Untouched: nothing but Hydra's ``.hydra/`` and an empty log file
-    (``any_log``: an evaluation's ``evaluate.log``, whatever it holds, which says no more than the
-    error line)."""
+def remove_if_untouched(run_dir: Path, log_name: str = "train.log") -> None:
+    """A new run (or an evaluation) that failed before any work leaves no run directory behind (in
+    a sweep it stays: it holds the job's error). Untouched: nothing but Hydra's ``.hydra/`` and the
+    log file ``log_name``, whatever the log holds (the lines before the failure say no more than
+    the error line does); a checkpoint, a TensorBoard folder or metrics mean work was done."""
     import shutil
 
     if is_multirun() or not run_dir.is_dir():
         return
-    logs = {"evaluate.log"} if any_log else {"train.log"}
-    if {p.name for p in run_dir.iterdir()} <= {".hydra", *logs}:
-        if any_log or all(not (run_dir / name).exists() or (run_dir / name).stat().st_size == 0 for name in logs):
-            shutil.rmtree(run_dir, ignore_errors=True)
+    if {p.name for p in run_dir.iterdir()} <= {".hydra", log_name}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class HeldLogFile:
