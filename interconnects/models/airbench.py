@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..checks import check_int
+from .backbones import chain
 from .decoders import ScatterDecoder
 
 
@@ -142,12 +143,8 @@ class Airbench(nn.Module):
         self.whiten = Whitening(in_channels, whiten_kernel, whiten_eps, whiten_bias_epochs)
         self.act = nn.GELU()
         widths = (width, 4 * width, 4 * width)[:depth]
-        channels, blocks = self.whiten.out_channels, []
-        for out in widths:
-            blocks.append(ConvBlock(channels, out, bn_momentum))
-            channels = out
-        self.blocks = nn.Sequential(*blocks)
-        self.out_channels = channels
+        self.blocks, self.out_channels = chain(lambda c_in, c_out: ConvBlock(c_in, c_out, bn_momentum),
+                                               self.whiten.out_channels, widths)
 
     def forward(self, image: Tensor) -> Tensor:
         """``[B, C, H, W] -> [B, out_channels, h, w]`` (32×32: h = w = 15, 7, 3 after 1, 2, 3 blocks)."""
@@ -171,12 +168,8 @@ class AirbenchDecoder(ScatterDecoder):
             raise ValueError(f"num_blocks={num_blocks!r} is out of range; it must be an integer ≥ 0")
         in_ch = self.out_channels
         channels = channels or fmap_channels
-        blocks = []
-        for _ in range(num_blocks):
-            blocks.append(ConvBlock(in_ch, channels, bn_momentum))
-            in_ch = channels
-        self.convs = nn.Sequential(*blocks)
-        self.out_channels = in_ch
+        self.convs, self.out_channels = chain(lambda c_in, c_out: ConvBlock(c_in, c_out, bn_momentum), in_ch,
+                                              [channels] * num_blocks)
 
 
 def fit_to_data(network: nn.Module, images: Tensor, num_train: int | None = None) -> list[str]:

@@ -33,6 +33,16 @@ def conv_block(in_channels: int, out_channels: int, batch_norm: bool = True, str
     )
 
 
+def chain(make_block, in_channels: int, widths) -> tuple[nn.Sequential, int]:
+    """``make_block(c_in, c_out)`` for each width in ``widths``, each block taking the previous one's
+    output: ``(the blocks as one nn.Sequential, the last width)`` (``in_channels`` when empty)."""
+    blocks = []
+    for width in widths:
+        blocks.append(make_block(in_channels, width))
+        in_channels = width
+    return nn.Sequential(*blocks), in_channels
+
+
 class SimpleCNN(nn.Module):
     """A plain CNN of ``depth`` 3×3 conv blocks; width doubles at each of the ``log2(output_stride)``
     downsamplings (2×2 max-pool), which are placed after the first blocks.

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..checks import check_choice
 from ..graph import GraphBatch
 from ..to_cnn import GraphToCNN
-from .backbones import conv_block
+from .backbones import chain, conv_block
 
 
 class ScatterDecoder(nn.Module):
@@ -50,12 +50,8 @@ class ScatterDecoder(nn.Module):
         needs_proj = (fuse == "add" or empty == "skip") and fmap_channels != graph_channels
         self.proj = nn.Conv2d(fmap_channels, graph_channels, 1) if needs_proj else nn.Identity()
         in_ch = graph_channels + (fmap_channels if fuse == "concat" else 0)
-        blocks = []
-        for _ in range(num_convs):
-            blocks.append(conv_block(in_ch, channels, batch_norm))
-            in_ch = channels
-        self.convs = nn.Sequential(*blocks)
-        self.out_channels = in_ch
+        self.convs, self.out_channels = chain(lambda c_in, c_out: conv_block(c_in, c_out, batch_norm), in_ch,
+                                              [channels] * num_convs)
 
     def forward(self, graph: GraphBatch | None, fmap: Tensor) -> Tensor:
         """``(graph, fmap [B, C_f, h, w]) -> [B, out_channels, h, w]``; ``graph=None`` decodes fmap alone."""

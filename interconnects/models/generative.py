@@ -82,7 +82,37 @@ class Reconstructor(nn.Module):
         return self.net(features)
 
 
-class GraphGenerator(nn.Module):
+class _LatentGrid(nn.Module):
+    """What both generators start from: ``N = h·w`` cells of a latent grid (a quarter of the image
+    side unless ``grid_size`` says), each with ``latent_dim`` random features lifted to ``channels``
+    plus a learned embedding of its cell."""
+
+    def __init__(self, image_size, latent_dim: int, grid_size: int | None, channels: int) -> None:
+        super().__init__()
+        check_int("latent_dim", latent_dim)
+        check_int("channels", channels)
+        H, W = image_size
+        side = grid_size if grid_size is not None else max(1, min(H, W) // 4)
+        check_int("grid_size", side)
+        if side > min(H, W):
+            raise ValueError(f"grid_size={side} is out of range; it must be at most the image side {min(H, W)}")
+        self.latent_dim, self.grid = latent_dim, (side, side)
+        self.num_nodes = side * side
+        self.embed = nn.Parameter(torch.randn(self.num_nodes, channels) * 0.1)
+        self.lift = nn.Linear(latent_dim, channels)
+
+    def noise(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Random features of each cell (node) ``[batch_size, N, latent_dim]`` (standard normal)."""
+        return torch.randn(batch_size, self.num_nodes, self.latent_dim, generator=generator, device=device)
+
+    def latent_map(self, z: Tensor) -> Tensor:
+        """``z [B, N, latent_dim] -> [B, channels, h, w]``: lifted noise plus the cells' embedding."""
+        h, w = self.grid
+        x = self.lift(z) + self.embed  # [B, N, C]
+        return x.transpose(1, 2).reshape(z.shape[0], -1, h, w)
+
+
+class GraphGenerator(_LatentGrid):
     """Noise on a graph → image: ``z [B, N, latent_dim] -> images [B, C, H, W]`` in ``[-1, 1]``.
 
     The ``N = h·w`` nodes sit on a latent grid (node ``n`` at cell ``(n // w, n % w)``); each carries
@@ -117,42 +147,24 @@ class GraphGenerator(nn.Module):
         edges: str = "grid",
         k: int = 8,
     ) -> None:
-        super().__init__()
         check_choice("edges", edges, GENERATOR_EDGES)
         check_choice("layer", layer, GNN_LAYERS)
-        check_int("latent_dim", latent_dim)
-        check_int("channels", channels)
-        H, W = image_size
-        side = grid_size if grid_size is not None else max(1, min(H, W) // 4)
-        check_int("grid_size", side)
-        if side > min(H, W):
-            raise ValueError(f"grid_size={side} is out of range; it must be at most the image side {min(H, W)}")
-        self.latent_dim, self.grid = latent_dim, (side, side)
-        self.num_nodes = side * side
+        super().__init__(image_size, latent_dim, grid_size, channels)
         if edges == "knn" and not 1 <= k < self.num_nodes:
-            raise ValueError(f"k={k!r} is out of range; it must be in [1, {self.num_nodes - 1}] for a {side}×{side} latent grid")
-        self.embed = nn.Parameter(torch.randn(self.num_nodes, channels) * 0.1)
-        self.lift = nn.Linear(latent_dim, channels)
+            raise ValueError(f"k={k!r} is out of range; it must be in [1, {self.num_nodes - 1}] for a "
+                             f"{self.grid[0]}×{self.grid[1]} latent grid")
         self.graph = DenseGrid(normalize=True) if edges == "grid" else KNNGraph(k=k)
         self.gnn = GNNHead(channels, layer=layer, hidden_channels=channels, num_layers=num_layers, norm="batch")
         self.to_cnn = GraphToCNN()
-        self.up, _ = _upsampler(self.gnn.out_channels, channels, out_channels, self.grid, (H, W))
-
-    def noise(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Random node features ``[batch_size, N, latent_dim]`` (standard normal)."""
-        return torch.randn(batch_size, self.num_nodes, self.latent_dim, generator=generator, device=device)
+        self.up, _ = _upsampler(self.gnn.out_channels, channels, out_channels, self.grid, tuple(image_size))
 
     def forward(self, z: Tensor) -> Tensor:
         """``z [B, N, latent_dim] -> images [B, out_channels, H, W]`` in ``[-1, 1]``."""
-        b = z.shape[0]
-        h, w = self.grid
-        x = self.lift(z) + self.embed  # [B, N, C]
-        graph = self.graph(x.transpose(1, 2).reshape(b, -1, h, w))
-        graph = self.gnn(graph)
+        graph = self.gnn(self.graph(self.latent_map(z)))
         return torch.tanh(self.up(self.to_cnn(graph)))
 
 
-class ConvGenerator(nn.Module):
+class ConvGenerator(_LatentGrid):
     """Noise on a grid → image, with convolutions where :class:`GraphGenerator` has graph layers:
     ``z [B, N, latent_dim] -> images [B, C, H, W]`` in ``[-1, 1]``.
 
@@ -171,37 +183,18 @@ class ConvGenerator(nn.Module):
 
     def __init__(self, out_channels: int, image_size, latent_dim: int = 16, grid_size: int | None = None,
                  channels: int = 64, num_layers: int = 2) -> None:
-        super().__init__()
-        check_int("latent_dim", latent_dim)
-        check_int("channels", channels)
         check_int("num_layers", num_layers, 0)
-        H, W = image_size
-        side = grid_size if grid_size is not None else max(1, min(H, W) // 4)
-        check_int("grid_size", side)
-        if side > min(H, W):
-            raise ValueError(f"grid_size={side} is out of range; it must be at most the image side {min(H, W)}")
-        self.latent_dim, self.grid = latent_dim, (side, side)
-        self.num_nodes = side * side
-        self.embed = nn.Parameter(torch.randn(self.num_nodes, channels) * 0.1)
-        self.lift = nn.Linear(latent_dim, channels)
+        super().__init__(image_size, latent_dim, grid_size, channels)
         blocks = []
         for _ in range(num_layers):
             blocks += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
                        nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*blocks)
-        self.up, _ = _upsampler(channels, channels, out_channels, self.grid, (H, W))
-
-    def noise(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Random cell features ``[batch_size, N, latent_dim]`` (standard normal)."""
-        return torch.randn(batch_size, self.num_nodes, self.latent_dim, generator=generator, device=device)
+        self.up, _ = _upsampler(channels, channels, out_channels, self.grid, tuple(image_size))
 
     def forward(self, z: Tensor) -> Tensor:
         """``z [B, N, latent_dim] -> images [B, out_channels, H, W]`` in ``[-1, 1]``."""
-        b = z.shape[0]
-        h, w = self.grid
-        x = self.lift(z) + self.embed  # [B, N, C]
-        fmap = x.transpose(1, 2).reshape(b, -1, h, w)
-        return torch.tanh(self.up(self.body(fmap)))
+        return torch.tanh(self.up(self.body(self.latent_map(z))))
 
 
 def _drop_derived_weights(module, state_dict, prefix, *hook_args):
@@ -227,6 +220,17 @@ def apply_spectral_norm(network: nn.Module) -> None:
     if derived:
         network._register_state_dict_hook(_drop_derived_weights)
         network._register_load_state_dict_pre_hook(_drop_derived_weights, with_module=True)
+
+
+def _downsampling_convs(in_channels: int, channels: int, downsamples: int, image_size) -> tuple[list, tuple[int, int]]:
+    """The discriminators' CNN: a 3×3 conv to ``channels``, then ``downsamples`` stride-2 4×4 convs,
+    each followed by LeakyReLU(0.2): ``(the layers, the (h, w) of the map they give)``."""
+    h, w = image_size
+    convs = [nn.Conv2d(in_channels, channels, 3, padding=1), nn.LeakyReLU(0.2)]
+    for _ in range(downsamples):
+        convs += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        h, w = h // 2, w // 2
+    return convs, (h, w)
 
 
 class GraphDiscriminator(nn.Module):
@@ -268,12 +272,7 @@ class GraphDiscriminator(nn.Module):
         check_int("downsamples", downsamples, 0)
         check_int("hidden", hidden)
         check_choice("layer", layer, GNN_LAYERS)
-        H, W = image_size
-        h, w = H, W
-        convs, c = [nn.Conv2d(in_channels, channels, 3, padding=1), nn.LeakyReLU(0.2)], channels
-        for _ in range(downsamples):
-            convs += [nn.Conv2d(c, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-            h, w = h // 2, w // 2
+        convs, (h, w) = _downsampling_convs(in_channels, channels, downsamples, image_size)
         self.cnn = nn.Sequential(*convs)
         self.num_nodes = h * w
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < self.num_nodes:
@@ -319,12 +318,7 @@ class ConvDiscriminator(nn.Module):
         check_int("downsamples", downsamples, 0)
         check_int("num_layers", num_layers, 0)
         check_int("hidden", hidden)
-        H, W = image_size
-        h, w = H, W
-        convs, c = [nn.Conv2d(in_channels, channels, 3, padding=1), nn.LeakyReLU(0.2)], channels
-        for _ in range(downsamples):
-            convs += [nn.Conv2d(c, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-            h, w = h // 2, w // 2
+        convs, (h, w) = _downsampling_convs(in_channels, channels, downsamples, image_size)
         for _ in range(num_layers):
             convs += [nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(0.2)]
         self.cnn = nn.Sequential(*convs)

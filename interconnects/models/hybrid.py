@@ -172,7 +172,7 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
     with torch.no_grad():
         try:
             fmap = backbone(dummy)
-        except RuntimeError as exc:  # (a pooling or convolution with nothing left to cover)
+        except RuntimeError:  # (a pooling or convolution with nothing left to cover)
             smallest = _smallest_side(backbone, in_channels, max(image_size))
             if smallest is None:
                 raise
