@@ -1,5 +1,5 @@
-"""A new user's afternoon through the command line: what a resume, a reused run directory, a typo,
-the speed projection, evaluate.py, the pictures and the table-printing scripts must do."""
+"""The command line at its edges, as a new user meets them: what a resume, a reused run directory, a
+typo, the speed projection, evaluate.py, the pictures and the table-printing scripts must do."""
 
 from __future__ import annotations
 
