@@ -253,3 +253,22 @@ def test_a_backend_compile_failure_falls_back_to_the_uncompiled_model_with_one_w
     assert warning.startswith("trainer.compile=true: torch.compile could not compile Sequential")
     assert "runs uncompiled" in warning and "trainer.compile=false" in warning and "\n" not in warning
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.eval_batch_size=1"], "error: data.eval_batch_size=1 is too small for task=gan: FID needs at least 2 images"),
+    (["data.val_fraction=0.9995"], "error: data.val_fraction leaves 1 training image(s); task=gan measures FID"),
+])
+def test_a_gan_whose_fid_would_have_one_image_a_side_is_refused_before_any_work(tmp_path, overrides, message):
+    """torchmetrics' FID needs two images on each side: an evaluation batch of one image (the first
+    one is measured before training) or a training split of one, which the floor draws from, ended in
+    its RuntimeError and a traceback, at the preflight or after training."""
+    proc = run_cli("train.py", "data=digits", "task=gan", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                   "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "task.num_samples=16",
+                   "task.generator.channels=4", "task.discriminator.channels=4", "trainer.progress=false",
+                   *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(message), line
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

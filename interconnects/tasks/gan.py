@@ -86,6 +86,26 @@ def generator_loss(kind: str, fake: Tensor) -> Tensor:
     return 0.5 * (fake - 1).pow(2).mean()
 
 
+def _check_fid_sizes(data) -> None:
+    """An FID needs at least 2 images on each side (a covariance): every evaluation batch (the first
+    one is measured alone before training), and the training images the floor ``fid_real`` draws
+    from. Refused before any work, naming the key."""
+    train = len(data.train_view)
+    if train < 2:
+        raise ValueError(f"data.val_fraction leaves {train} training image(s); task=gan measures FID, which "
+                         "needs at least 2: use a smaller data.val_fraction")
+    for split, loader in (("val", data.val), ("test", data.test)):
+        size = len(loader.dataset)
+        if size == 0:
+            continue
+        if size < 2:
+            raise ValueError(f"the {split} split holds {size} image; task=gan measures FID, which needs at least 2 "
+                             + ("(use a larger data.val_fraction)" if split == "val" else "images to test on"))
+        if loader.batch_size < 2:
+            raise ValueError(f"data.eval_batch_size={loader.batch_size} is too small for task=gan: FID needs at "
+                             "least 2 images in an evaluation batch; use data.eval_batch_size ≥ 2 (or null)")
+
+
 class GANTask(Task):
     """The graph GAN: ``generator``, ``discriminator`` and ``generator_ema`` (the EMA weights, in the
     checkpoint but in no optimizer).
@@ -243,6 +263,7 @@ class GANTask(Task):
     # ---- evaluation -------------------------------------------------------------------------------
     def setup(self, data) -> None:
         """Build FID / KID on the feature network (trained on ``data.train_view`` and cached on first use)."""
+        _check_fid_sizes(data)
         if self.fid_features == "inception":
             try:
                 features = InceptionFeatures()
