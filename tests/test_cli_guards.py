@@ -167,7 +167,20 @@ def test_interrupt_and_resume_name_the_same_position(tmp_path):
     second.wait_for(lambda: "resumed from" in second.output, "the resume message")
     resumed = next(ln for ln in second.output.splitlines() if "resumed from" in ln)
     assert resumed.endswith(f"resumed from {last} {stop[1]}"), (resumed, stop[1])
+    # interrupt it once it trains again (a signal in the window before the loop's handler is
+    # installed is Python's own KeyboardInterrupt, not what this test is about)
+    second.wait_for(lambda: _saved_step(last) > state["step"], "a step after the resume")
     assert second.interrupt() == 130
+
+
+def _saved_step(path: Path) -> int:
+    """The step of the checkpoint at ``path`` (-1 while it cannot be read)."""
+    from interconnects.engine.checkpoint import load_checkpoint
+
+    try:
+        return int(load_checkpoint(path)["step"])
+    except Exception:  # noqa: BLE001 - replaced between the look and the read
+        return -1
 
 
 # ---- 1 and 8. a resume never silently ignores a changed optimizer, schedule or data setting ------------------
