@@ -272,3 +272,53 @@ def test_a_gan_whose_fid_would_have_one_image_a_side_is_refused_before_any_work(
     assert line.startswith(message), line
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---- trainer.compile=true with R1: a double backward through a compiled discriminator -------------------
+
+@pytest.mark.parametrize("r1_weight", [0.0, 1.0])
+def test_a_compiled_gan_with_r1_trains_with_its_discriminator_uncompiled(tmp_path, monkeypatch, caplog, r1_weight):
+    """``task=gan trainer.compile=true`` with R1 ended in a RuntimeError in the compiled backward
+    (a buffer "modified by an inplace operation": torch.compile has no double backward, which the R1
+    penalty takes); the discriminator now runs uncompiled, said in one warning, the generator compiled."""
+    import torch._dynamo
+
+    from conftest import compose
+    from interconnects.engine.loop import CompiledOrEager, Trainer
+    from interconnects.tasks.gan import GANTask
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: real_compile(module, backend="aot_eager"))
+    torch._dynamo.reset()
+    cfg = compose(["data=digits", "trainer.compile=true", "trainer.device=cpu"])
+    trainer = Trainer(cfg.trainer, tmp_path, {}, "none")
+    torch.manual_seed(0)
+    task = GANTask(1, (28, 28), (0.1307,), (0.3081,), 10, generator={"channels": 8, "latent_dim": 4},
+                   discriminator={"channels": 8, "hidden": 8}, num_samples=16, kid_subset_size=8,
+                   sample_grid=4, r1_weight=r1_weight)
+    optimizers = {g: torch.optim.Adam(p, lr=1e-3) for g, p in task.optimizer_groups().items()}
+
+    def optimize(group, loss):
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[group].step()
+
+    images = (torch.rand(6, 1, 28, 28) - 0.1307) / 0.3081
+    try:
+        with caplog.at_level("WARNING", logger="interconnects"):
+            trainer.leave_uncompiled(task)
+            if r1_weight:  # (two steps: the second reuses the compiled generator)
+                for _ in range(2):
+                    metrics = task.training_step((images, torch.zeros(6)), trainer.forward, optimize)
+                assert all(torch.isfinite(v) for v in metrics.values())
+    finally:
+        torch._dynamo.reset()
+    assert isinstance(trainer.wrap(task.generator), CompiledOrEager)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if r1_weight:
+        assert trainer.wrap(task.discriminator) is task.discriminator
+        assert warnings == ["trainer.compile=true: the discriminator runs uncompiled: task.r1_weight=1 "
+                            "differentiates its gradient (R1), which torch.compile does not support"]
+    else:
+        assert isinstance(trainer.wrap(task.discriminator), CompiledOrEager) and warnings == []

@@ -183,6 +183,7 @@ class Trainer:
         self.primary = distributed.is_primary()  # the process that logs and writes files
         self._signal = None
         self._wrapped: dict[int, torch.nn.Module] = {}
+        self._eager: set[int] = set()  # the task's networks that trainer.compile leaves uncompiled
         self._ddp: dict[int, torch.nn.Module] = {}  # DistributedDataParallel wrappers, under torchrun
         self._step_skipped = False
 
@@ -191,7 +192,7 @@ class Trainer:
         """What ``forward`` calls for ``module``: itself, or its ``torch.compile`` form; under torchrun,
         for a training forward pass, wrapped in DistributedDataParallel (evaluation, without
         gradients, runs the bare network on each rank's shard)."""
-        if self.cfg.compile:
+        if self.cfg.compile and id(module) not in self._eager:
             if id(module) not in self._wrapped:
                 self._wrapped[id(module)] = CompiledOrEager(module)
             module = self._wrapped[id(module)]
@@ -200,6 +201,16 @@ class Trainer:
                 self._ddp[id(module)] = distributed.wrap(module, self.device)
             module = self._ddp[id(module)]
         return module
+
+    def leave_uncompiled(self, task) -> None:
+        """Under ``trainer.compile=true``, the networks of ``task.uncompiled()`` run uncompiled, each
+        said in one warning line."""
+        if not self.cfg.compile:
+            return
+        networks = task.networks()
+        for name, why in task.uncompiled().items():
+            self._eager.add(id(networks[name]))
+            log.warning("trainer.compile=true: the %s runs uncompiled: %s", name, why)
 
     def forward(self, module, *args, **kwargs):
         """Runs ``module(*args, **kwargs)`` under the configured precision (and torch.compile)."""
@@ -484,6 +495,7 @@ class Trainer:
         if distributed.is_distributed() and cfg.get("sync_batchnorm"):
             distributed.sync_batchnorm(task)  # (in place: the task's networks keep their parameters)
         self.task = task.to(self.device, memory_format=self.memory_format)
+        self.leave_uncompiled(task)
         groups = task.optimizer_groups()
         self.optimizers = {k: optimizers[k](params) for k, params in groups.items()}
         full = self.full_per_epoch = data.train_batches.per_epoch

@@ -63,6 +63,12 @@ class Task(nn.Module):
         wraps). Default: every direct child module."""
         return dict(self.named_children())
 
+    def uncompiled(self) -> dict[str, str]:
+        """``{name: why}``: networks of :meth:`networks` that ``trainer.compile=true`` must leave
+        uncompiled (a step that differentiates their gradients: ``torch.compile`` has no double
+        backward). Default: none."""
+        return {}
+
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """``{group: parameters}``, one optimizer (and scheduler) each, configured as
         ``optimizer.<group>`` (or one shared ``optimizer`` config for every group)."""

@@ -212,6 +212,14 @@ class GANTask(Task):
         """The two trained networks (the EMA copy is run directly, never wrapped)."""
         return {"generator": self.generator, "discriminator": self.discriminator}
 
+    def uncompiled(self) -> dict[str, str]:
+        """With R1 on, the discriminator: its penalty differentiates ``∇D(real)``, a double backward
+        that ``torch.compile`` does not support."""
+        if self.r1_weight > 0:
+            return {"discriminator": f"task.r1_weight={self.r1_weight:g} differentiates its gradient (R1), "
+                                     "which torch.compile does not support"}
+        return {}
+
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """``generator`` and ``discriminator``: ``optimizer.generator`` / ``optimizer.discriminator``."""
         return {"generator": list(self.generator.parameters()),
