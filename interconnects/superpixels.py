@@ -217,19 +217,30 @@ def _run_ends(labels: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     count up along the line) and the flat id of the last pixel of its run."""
     b, h, w = labels.shape
     n = h * w
-    ids = torch.arange(n, device=labels.device).view(1, h, w)
+    ids = torch.arange(n, device=labels.device, dtype=_id_dtype(h, w)).view(1, h, w)
     line = labels.shape[dim]
     start = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
     start.narrow(dim, 1, line - 1).copy_(labels.narrow(dim, 1, line - 1) != labels.narrow(dim, 0, line - 1))
     end = torch.ones_like(start)
     end.narrow(dim, 0, line - 1).copy_(start.narrow(dim, 1, line - 1))
     last = torch.where(end, ids, n).flip(dim).cummin(dim).values.flip(dim)  # the next run end at or after
-    return start.long().cumsum(dim).mul_(n), last.reshape(b, n)
+    return start.to(ids.dtype).cumsum(dim, dtype=ids.dtype).mul_(n), last.reshape(b, n)
+
+
+def _id_dtype(h: int, w: int) -> torch.dtype:
+    """The integer type of pixel ids and run offsets (``run · H·W + id``) of an ``H × W`` image:
+    int32 where they fit (half the memory traffic of int64), else int64."""
+    return torch.int32 if (max(h, w) + 1) * h * w < 2**31 else torch.int64
 
 
 def connected_components(labels: Tensor) -> Tensor:
     """``labels [B, H, W]`` → ``[B, H, W]`` long: for every pixel the smallest flat pixel id of its
-    4-connected component of equal labels.
+    4-connected component of equal labels."""
+    return _components(labels).long()
+
+
+def _components(labels: Tensor) -> Tensor:
+    """:func:`connected_components` in the id type of :func:`_id_dtype`.
 
     Each round takes the minimum over every run of equal labels along the rows, then along the
     columns (a running minimum per line, kept inside a run by subtracting a per-run offset, read
@@ -241,7 +252,7 @@ def connected_components(labels: Tensor) -> Tensor:
     n = h * w
     off_row, end_row = _run_ends(labels, 2)
     off_col, end_col = _run_ends(labels, 1)
-    comp = torch.arange(n, device=labels.device).view(1, h, w).expand(b, h, w).contiguous()
+    comp = torch.arange(n, device=labels.device, dtype=off_row.dtype).view(1, h, w).expand(b, h, w).contiguous()
     while True:
         rows = (comp - off_row).cummin(2).values.add_(off_row).view(b, n).gather(1, end_row).view(b, h, w)
         cols = (rows - off_col).cummin(1).values.add_(off_col).view(b, n).gather(1, end_col)
@@ -262,12 +273,15 @@ def enforce_connectivity(labels: Tensor, num_regions: int, min_size: float = 0.0
     """
     b, h, w = labels.shape
     n = h * w
+    # ids, sizes and keys (size · H·W + id) in int32 where they fit (half the memory traffic), labels alike
+    dtype = torch.int32 if (n + 1) * n < 2**31 else torch.int64
+    labels = labels.to(dtype)
     flat_labels = labels.reshape(b, n)
-    comp = connected_components(labels).reshape(b, n)
-    size = torch.zeros(b, n, dtype=torch.long, device=labels.device).scatter_add_(1, comp, torch.ones_like(comp))
+    comp = _components(labels).to(dtype).reshape(b, n)
+    size = torch.zeros(b, n, dtype=dtype, device=labels.device).scatter_add_(1, comp, torch.ones_like(comp))
     comp_size = size.gather(1, comp)  # [B, H·W] size of each pixel's component
     key = comp_size * n + (n - 1 - comp)  # larger components first, then the smaller pixel id
-    best = torch.zeros(b, num_regions, dtype=torch.long, device=labels.device)
+    best = torch.zeros(b, num_regions, dtype=dtype, device=labels.device)
     best = best.scatter_reduce_(1, flat_labels, key, "amax")
     keep = (key == best.gather(1, flat_labels)) & (comp_size >= min_size)
     keep |= key == key.amax(1, keepdim=True)
@@ -281,7 +295,7 @@ def enforce_connectivity(labels: Tensor, num_regions: int, min_size: float = 0.0
             grown = torch.where(take, neighbour, grown)
             taken |= take
         out, settled = grown, settled | taken
-    return out
+    return out.long()
 
 
 # ---- the interconnect ----------------------------------------------------------------------------
