@@ -87,6 +87,21 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
+def check_settings(group: str, cls, kwargs: Mapping[str, Any], inferred=()):
+    """``cls``'s signature parameters, after checking that it takes every key of ``kwargs`` (the
+    ``group`` config node's); ``inferred``: the names the code passes itself (not listed as accepted).
+    An unknown key raises a one-line :class:`ConfigError` naming it as ``group.key``."""
+    params = inspect.signature(cls).parameters
+    unknown = [k for k in kwargs if k not in params]
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        accepted = ", ".join(k for k in params if k not in inferred and k != "self") or "none"
+        raise ConfigError(
+            f"{group}.{unknown[0]} is not a setting of {cls.__name__} (accepted: {accepted}); the {group} config "
+            f"keeps keys {cls.__name__} does not take ({', '.join(unknown)}): put the class in a config file "
+            f"{group}/<name>.yaml on hydra.searchpath, or drop them with {' '.join('~' + group + '.' + k for k in unknown)}")
+    return params
+
+
 def build_part(group: str, node: Mapping[str, Any] | None, **inferred):
     """Build a ``_target_`` config node, adding each inferred keyword its class accepts and the node
     does not set. Errors become one-line :class:`ConfigError` naming ``group`` and the key."""
@@ -103,14 +118,7 @@ def build_part(group: str, node: Mapping[str, Any] | None, **inferred):
         cls = get_class(target)
     except Exception as exc:
         raise ConfigError(f"{group}._target_={target!r} cannot be imported ({exc})") from None
-    params = inspect.signature(cls).parameters
-    unknown = [k for k in kwargs if k not in params]
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        accepted = ", ".join(k for k in params if k not in inferred and k != "self") or "none"
-        raise ConfigError(
-            f"{group}.{unknown[0]} is not a setting of {cls.__name__} (accepted: {accepted}); the {group} config "
-            f"keeps keys {cls.__name__} does not take ({', '.join(unknown)}): put the class in a config file "
-            f"{group}/<name>.yaml on hydra.searchpath, or drop them with {' '.join('~' + group + '.' + k for k in unknown)}")
+    params = check_settings(group, cls, kwargs, inferred)
     # (an inferred key set to null in the config is inferred too: ``gnn.hidden_channels: null``)
     kwargs.update({k: v for k, v in inferred.items() if k in params and kwargs.get(k) is None})
     try:

@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
 from ..models.generative import NETWORK_KINDS, ConvDiscriminator, ConvGenerator, GraphDiscriminator, GraphGenerator
-from ..models.hybrid import build_part
+from ..models.hybrid import build_part, check_settings
 from .base import Forward, Optimize, Task
 from .fid import (
     ClassifierFeatures,
@@ -194,6 +194,7 @@ class GANTask(Task):
         options = OmegaConf.to_container(cfg.task, resolve=True)
         options.pop("_target_", None)
         dataset = (str(cfg.data.name), None if cfg.data.get("root") is None else str(cfg.data.root))
+        check_settings("task", cls, options, ("in_channels", "image_size", "mean", "std", "num_classes", "dataset"))
         try:
             return cls(info.in_channels, info.image_size, info.mean, info.std, info.num_classes,
                        dataset=dataset, **options)

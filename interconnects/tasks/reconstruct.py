@@ -22,7 +22,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchvision.utils import make_grid
 
 from ..models.generative import Reconstructor
-from ..models.hybrid import build_hybrid
+from ..models.hybrid import build_hybrid, check_settings
 from .base import Forward, Optimize, Task
 
 RECONSTRUCT_LOSSES = ("mse", "l1")
@@ -93,6 +93,7 @@ class ReconstructionTask(Task):
         check_decoder(cfg.decoder, cfg.interconnect)
         options = OmegaConf.to_container(cfg.task, resolve=True)
         options.pop("_target_", None)
+        check_settings("task", cls, options, ("model", "in_channels", "image_size", "mean", "std"))
         model = build_hybrid(cfg, info.in_channels, tuple(info.image_size))
         try:
             return cls(model, info.in_channels, info.image_size, info.mean, info.std, **options)
