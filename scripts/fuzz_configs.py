@@ -17,7 +17,10 @@ temporary output root. The table at the end counts the runs that
   directory left behind (and a refused resume leaves the run it named as it was);
 
 and lists every other outcome with the command line that reproduces it (from the repository root).
-The exit status is 1 when any run is neither.
+The exit status is 1 when any run is neither. A run still training at the time limit counts apart,
+as slow, when ``train.py`` said so before its first step (its ``expect slow steps`` / ``expect slow
+evaluation`` warning, projected from the built networks): the configuration is valid and the user
+was told; one stopped at the limit without that warning is neither.
 
 Runs are tiny (narrow networks, a few batches): about 2 s each once the parent process has
 imported torch, which it does once and then forks one child per run (``--spawn``: a fresh
@@ -264,7 +267,7 @@ def cfg_value(cfg, key: str):
 class Result:
     spec: Spec
     argv: list[str]
-    outcome: str = ""  # trained | refused | other
+    outcome: str = ""  # trained | refused | slow | other
     reason: str = ""
     code: int | None = None
     seconds: float = 0.0
@@ -291,6 +294,18 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
 
 def _run_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in (folder / "outputs").glob("*/*") if p.is_dir())
+
+
+def _slow_warning(folder: Path) -> str:
+    """The run's warning that its steps would be slow, when it came before its first training step
+    (what it projected: ``about N s``), else ``""``."""
+    for line in (folder / "stdout.txt").read_text(errors="replace").splitlines():
+        if "first training step:" in line:
+            return ""
+        if "expect slow steps" in line or "expect slow evaluation" in line:
+            said = line.split("expect slow", 1)[1]
+            return ("expect slow" + said)[:160]
+    return ""
 
 
 class Runner:
@@ -404,7 +419,11 @@ class Runner:
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         traceback = "Traceback (most recent call last)" in stderr
         if timed_out:
-            result.outcome, result.reason = "other", f"no exit within {self.timeout:g} s (killed)"
+            warned = _slow_warning(folder)
+            if warned:
+                result.outcome, result.reason = "slow", f"stopped at the {self.timeout:g} s limit; warned: {warned}"
+            else:
+                result.outcome, result.reason = "other", f"no exit within {self.timeout:g} s (killed)"
         elif code == 0 and run_dir is not None and (run_dir / "metrics.json").is_file() and not traceback:
             result.outcome, result.run_dir = "trained", run_dir
         elif code == 2 and len(errors) == 1 and not traceback and not made:
@@ -468,22 +487,24 @@ def command_line(result: Result, data_root: str) -> str:
 def report(results: list[Result], data_root: str, seconds: float, out=None) -> int:
     """Print the table and every run that is neither trained nor refused; 1 when there is one."""
     out = out or sys.stdout
-    counts = {k: sum(r.outcome == k for r in results) for k in ("trained", "refused", "other")}
+    counts = {k: sum(r.outcome == k for r in results) for k in ("trained", "refused", "slow", "other")}
     times = [r.seconds for r in results]
     print(f"\n{len(results)} configurations in {seconds:.0f} s "
           f"(a run: median {statistics.median(times) if times else 0:.1f} s, max {max(times, default=0):.1f} s)", file=out)
     print("| outcome | runs |\n| --- | ---: |", file=out)
     print(f"| trained (exit 0, metrics.json) | {counts['trained']} |", file=out)
     print(f"| refused cleanly (exit 2, one error: line, nothing left behind) | {counts['refused']} |", file=out)
+    print(f"| slow (warned before training, still training at the time limit) | {counts['slow']} |", file=out)
     print(f"| neither | {counts['other']} |", file=out)
     kinds = {}
     for r in results:
-        kinds.setdefault(r.spec.kind, {"trained": 0, "refused": 0, "other": 0})[r.outcome] += 1
-    print("by kind: " + ", ".join(f"{k} {v['trained']}/{v['refused']}/{v['other']}" for k, v in sorted(kinds.items()))
-          + " (trained/refused/neither)", file=out)
-    for r in results:
-        if r.outcome == "other":
-            print(f"\n#{r.spec.index} {r.reason}\n  {command_line(r, data_root)}", file=out)
+        kinds.setdefault(r.spec.kind, {"trained": 0, "refused": 0, "slow": 0, "other": 0})[r.outcome] += 1
+    print("by kind: " + ", ".join(f"{k} {v['trained']}/{v['refused']}/{v['slow']}/{v['other']}"
+                                  for k, v in sorted(kinds.items())) + " (trained/refused/slow/neither)", file=out)
+    for outcome, title in (("slow", "slow, warned"), ("other", "neither")):
+        for r in results:
+            if r.outcome == outcome:
+                print(f"\n#{r.spec.index} ({title}) {r.reason}\n  {command_line(r, data_root)}", file=out)
     return 1 if counts["other"] else 0
 
 
@@ -524,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         what = result.outcome if result.outcome != "refused" else f"refused: {result.reason[7:][:90]}"
         if result.outcome == "other":
             what = f"NEITHER: {result.reason[:120]}"
+        elif result.outcome == "slow":
+            what = f"slow: {result.reason[:120]}"
         print(f"[{done:>{len(str(args.n))}}/{args.n}] #{result.spec.index} {result.seconds:5.1f} s  {what}", flush=True)
 
     print(f"{args.n} configurations, seed {args.seed}, {args.jobs} at a time, output root {root}", flush=True)

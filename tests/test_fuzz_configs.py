@@ -94,6 +94,13 @@ if what in ("refused", "leftover", "two_lines"):
         print("error: and another", file=sys.stderr)
     sys.exit(2)
 import time
+if what == "slow":  # warned before its first step, as train.py does, then still training at the limit
+    print("[...][interconnects][WARNING] - expect slow steps: 7 GMAC a training step (about 90.0 s on a 2-core CPU)")
+    sys.stdout.flush()
+if what == "warned_late":  # the warning after training began does not count
+    print("[...][interconnects.engine.loop][INFO] - first training step: 90 s")
+    print("[...][interconnects][WARNING] - expect slow steps: 7 GMAC a training step")
+    sys.stdout.flush()
 time.sleep(60)
 '''
 
@@ -102,13 +109,14 @@ time.sleep(60)
 def test_outcomes_are_told_apart_and_every_other_one_is_listed_with_its_command(fuzz, tmp_path, spawn, capsys):
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE)
-    kinds = ["trained", "refused", "crash", "no_metrics", "leftover", "two_lines", "hang"]
+    kinds = ["trained", "refused", "crash", "no_metrics", "leftover", "two_lines", "hang", "slow", "warned_late"]
     specs = [fuzz.Spec(i, [f"what={k}"]) for i, k in enumerate(kinds)]
     runner = fuzz.Runner(tmp_path / "root", timeout=5, jobs=3, spawn=spawn, script=script)
     results = {r.spec.overrides[0][5:]: r for r in runner.run(specs)}
     assert {k: r.outcome for k, r in results.items()} == {
         "trained": "trained", "refused": "refused", "crash": "other", "no_metrics": "other", "leftover": "other",
-        "two_lines": "other", "hang": "other"}
+        "two_lines": "other", "hang": "other", "slow": "slow", "warned_late": "other"}
+    assert "about 90.0 s" in results["slow"].reason and "5 s limit" in results["slow"].reason
     assert "exit 1" in results["crash"].reason and "a traceback" in results["crash"].reason
     assert "RuntimeError: boom" in results["crash"].reason
     assert "without metrics.json" in results["no_metrics"].reason
@@ -118,8 +126,10 @@ def test_outcomes_are_told_apart_and_every_other_one_is_listed_with_its_command(
     assert results["refused"].reason == "error: what=refused is not supported"
     status = fuzz.report(list(results.values()), "SAMPLE", 1.0)
     out = capsys.readouterr().out
-    assert status == 1 and "| neither | 5 |" in out and "python train.py what=crash" in out
-    assert fuzz.report([results["trained"], results["refused"]], "SAMPLE", 1.0) == 0
+    assert status == 1 and "| neither | 6 |" in out and "python train.py what=crash" in out
+    assert "| slow (warned before training, still training at the time limit) | 1 |" in out
+    assert "(slow, warned)" in out and "python train.py what=slow" in out
+    assert fuzz.report([results["trained"], results["refused"], results["slow"]], "SAMPLE", 1.0) == 0
 
 
 def test_a_resume_names_the_earlier_run_and_a_refused_one_must_leave_it_as_it_was(fuzz, tmp_path):

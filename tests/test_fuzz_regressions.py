@@ -322,3 +322,36 @@ def test_a_compiled_gan_with_r1_trains_with_its_discriminator_uncompiled(tmp_pat
                             "differentiates its gradient (R1), which torch.compile does not support"]
     else:
         assert isinstance(trainer.wrap(task.discriminator), CompiledOrEager) and warnings == []
+
+
+# ---- a task config holding a key its task does not take ------------------------------------------------
+
+@pytest.mark.parametrize("task, key", [("gan", "label_smoothing"), ("reconstruct", "tta")])
+def test_a_task_key_of_another_task_is_refused_naming_it(task, key):
+    """``experiment=cifar10_baseline task=gan`` kept the experiment's ``task.label_smoothing``: the GAN
+    and the autoencoder said ``task: GANTask.__init__() got an unexpected keyword argument``; now the
+    key is named as classification's ``task.*`` keys are."""
+    from conftest import compose
+    from interconnects.config import ConfigError
+    from interconnects.data import data_info
+    from interconnects.engine.build import build_task
+
+    cfg = compose(["data=digits", f"task={task}", f"+task.{key}=0.2"])
+    with pytest.raises(ConfigError) as caught:
+        build_task(cfg, data_info(cfg.data))
+    message = str(caught.value)
+    name = {"gan": "GANTask", "reconstruct": "ReconstructionTask"}[task]
+    assert message.startswith(f"task.{key} is not a setting of {name} (accepted: ") and "\n" not in message
+    assert f"~task.{key}" in message and "in_channels" not in message.split("accepted: ")[1].split(")")[0]
+
+
+def test_a_per_edge_layer_on_a_complete_graph_is_projected_at_its_measured_speed(caplog):
+    """Found by the search: gnn=gat on 961 keypoints of a 31×31 image (a complete graph), batch 4,
+    took 5.2 s a step where the multiply-add count projected 0.1 s (its steps are bound by memory);
+    the per-edge tensors are now projected at their own measured rate."""
+    [line] = _cost_warnings(caplog, "backbone=pixels", "gnn=gat", "interconnect=keypoints", "data.image_size=31",
+                            "interconnect.num_keypoints=961", "gnn.hidden_channels=8", "gnn.num_layers=2",
+                            "data.batch_size=4", "data.eval_batch_size=4")
+    seconds = float(line.split("(about ")[1].split(" s ")[0])
+    assert 2.6 <= seconds <= 10.4, line  # within 2× of the 5.2 s measured
+    assert "961 nodes" in line and "data.batch_size=4" in line
