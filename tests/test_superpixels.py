@@ -145,6 +145,21 @@ def test_connected_components_equal_scipys_labelling():
             assert np.array_equal(ours[n].numpy(), expected), shape
 
 
+def test_the_int32_and_int64_id_paths_agree(monkeypatch):
+    """Ids are int32 where they fit and int64 for images too large for them: both give the same
+    components and the same connected regions (the int64 path forced on small images)."""
+    import interconnects.superpixels as sp
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 5, (3, 20, 17))
+    small = (sp.connected_components(labels), sp.enforce_connectivity(labels, 5, 6.0))
+    assert sp._id_dtype(20, 17) is torch.int32 and sp._id_dtype(2000, 2000) is torch.int64
+    monkeypatch.setattr(sp, "_id_dtype", lambda h, w: torch.int64)
+    large = (sp.connected_components(labels), sp.enforce_connectivity(labels, 5, 6.0))
+    for a, b in zip(small, large):
+        assert a.dtype == b.dtype == torch.long and torch.equal(a, b)
+
+
 def test_enforce_connectivity_moves_a_stray_piece_to_a_neighbouring_region():
     labels = torch.zeros(1, 6, 6, dtype=torch.long)
     labels[0, :, 3:] = 1
