@@ -485,7 +485,8 @@ def command_line(result: Result, data_root: str) -> str:
 
 
 def report(results: list[Result], data_root: str, seconds: float, out=None) -> int:
-    """Print the table and every run that is neither trained nor refused; 1 when there is one."""
+    """Print the table, then every run that was slow (warned) or neither trained nor refused, with
+    its command line; 1 when one was neither."""
     out = out or sys.stdout
     counts = {k: sum(r.outcome == k for r in results) for k in ("trained", "refused", "slow", "other")}
     times = [r.seconds for r in results]
