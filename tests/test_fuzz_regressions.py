@@ -355,3 +355,19 @@ def test_a_per_edge_layer_on_a_complete_graph_is_projected_at_its_measured_speed
     seconds = float(line.split("(about ")[1].split(" s ")[0])
     assert 2.6 <= seconds <= 10.4, line  # within 2× of the 5.2 s measured
     assert "961 nodes" in line and "data.batch_size=4" in line
+
+
+def test_a_decoder_that_halves_a_one_cell_map_is_refused_before_any_work():
+    """Found by the search: decoder=airbench (a 2×2 max-pool) after simple_cnn at output stride 8 on
+    13×13 images (a 1×1 map) ended in torch's "Output size is too small" with a traceback."""
+    from conftest import compose
+    from interconnects.config import ConfigError
+    from interconnects.models.hybrid import build_hybrid
+
+    cfg = compose(["data=digits", "decoder=airbench", "data.image_size=13", "backbone.output_stride=8",
+                   "backbone.width=4"])
+    with pytest.raises(ConfigError) as caught:
+        build_hybrid(cfg, 1, (13, 13))
+    message = str(caught.value)
+    assert message.startswith("decoder: AirbenchDecoder cannot take the backbone's 1x1 feature map (") and "\n" not in message
+    assert "data.image_size" in message and "backbone.output_stride" in message

@@ -213,6 +213,13 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
             raise
         except ValueError as exc:
             raise _config_error("interconnect", exc) from None
+        except RuntimeError as exc:  # (the decoder pools or convolves a map with nothing left to cover)
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            if "too small" not in message and "can't be greater than actual input size" not in message:
+                raise
+            raise ConfigError(f"decoder: {type(decoder).__name__} cannot take the backbone's {fmap.shape[2]}x{fmap.shape[3]} "
+                              f"feature map ({message}); a larger data.image_size or a smaller "
+                              "backbone.output_stride gives a larger map") from None
     check_decoder(decoder, features, dummy.shape[0])
     model.out_shape = tuple(features.shape[1:])
     return model.train()
