@@ -285,7 +285,7 @@ def test_a_compiled_gan_with_r1_trains_with_its_discriminator_uncompiled(tmp_pat
 
     from conftest import compose
     from interconnects.engine.loop import CompiledOrEager, Trainer
-    from interconnects.tasks.gan import GANTask
+    from test_tasks import make_optimize, tiny_gan
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module: real_compile(module, backend="aot_eager"))
@@ -293,16 +293,8 @@ def test_a_compiled_gan_with_r1_trains_with_its_discriminator_uncompiled(tmp_pat
     cfg = compose(["data=digits", "trainer.compile=true", "trainer.device=cpu"])
     trainer = Trainer(cfg.trainer, tmp_path, {}, "none")
     torch.manual_seed(0)
-    task = GANTask(1, (28, 28), (0.1307,), (0.3081,), 10, generator={"channels": 8, "latent_dim": 4},
-                   discriminator={"channels": 8, "hidden": 8}, num_samples=16, kid_subset_size=8,
-                   sample_grid=4, r1_weight=r1_weight)
-    optimizers = {g: torch.optim.Adam(p, lr=1e-3) for g, p in task.optimizer_groups().items()}
-
-    def optimize(group, loss):
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[group].step()
+    task = tiny_gan(r1_weight=r1_weight)
+    optimize, _ = make_optimize(task)
 
     images = (torch.rand(6, 1, 28, 28) - 0.1307) / 0.3081
     try:
