@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     command line (``group.key=value``) and what is accepted."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), at most 160
+    characters: what a one-line error quotes of the exception behind it."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
 #: Exit statuses of train.py and evaluate.py (128 + N: stopped by signal N).
 EXIT_BAD_SETTING = 2  # a bad setting, checkpoint or dataset
 EXIT_NONFINITE = 3  # a non-finite loss, gradient or weight

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from ..config import first_line
+
 
 def task_class(node):
     """The :class:`~interconnects.tasks.base.Task` subclass named by ``node._target_`` (``task``)."""
@@ -26,10 +28,6 @@ def task_class(node):
 def build_task(cfg: DictConfig, info):
     """The task described by ``cfg.task`` with all its networks, for data described by ``info``."""
     return task_class(cfg.task).from_config(cfg, info)
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def build_factories(cfg: DictConfig, groups) -> tuple[dict, dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_WRITE_FAILED, flatten
+from ..config import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_WRITE_FAILED, first_line, flatten
 from .checkpoint import (FORMAT, VERSION, CheckpointError, check_structure, load_checkpoint,
                          remove_stale_temp_files, rng_state, save_atomic, set_rng_state, write_json_atomic)
 from . import distributed
@@ -102,10 +102,6 @@ def make_scheduler(factory, optimizer, total_steps: int):
     if "max_lr" in params and "max_lr" not in given:
         extra["max_lr"] = [group["lr"] for group in optimizer.param_groups]
     return factory(optimizer, **extra)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _duration(seconds: float) -> str:
@@ -329,7 +325,7 @@ class Trainer:
             if name == "last.ckpt":
                 self.last_saved = self.step
         except OSError as exc:
-            reason = exc.strerror or _first_line(exc)
+            reason = exc.strerror or first_line(exc)
             if not self.ckpt_dir.is_dir():
                 reason = f"the folder {self.ckpt_dir} was removed or renamed during the run"
             raise TrainingStopped(
@@ -342,7 +338,7 @@ class Trainer:
             self.task.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise ValueError(
-                f"{path}: its weights do not fit the model built from this config ({_first_line(exc)}); "
+                f"{path}: its weights do not fit the model built from this config ({first_line(exc)}); "
                 "pass the same overrides as the run that wrote it") from None
         saved_scheds = state.get("schedulers") or {}
         for group, sched in self.schedulers.items():
@@ -390,7 +386,7 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise ValueError(
                 f"{path}: its optimizer, scheduler or loop state does not fit this config "
-                f"({type(exc).__name__}: {_first_line(exc)}); "
+                f"({type(exc).__name__}: {first_line(exc)}); "
                 "pass the same optimizer=, scheduler= and trainer.* overrides as the run that wrote it") from None
         if self.batch_in_epoch > self.per_epoch:
             raise ValueError(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .build import first_line
+from ..config import first_line
 
 log = logging.getLogger("interconnects")
 

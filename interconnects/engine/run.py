@@ -10,8 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import mark_composed
-from .build import build_factories, build_task, check_factories, first_line
+from ..config import first_line, mark_composed
+from .build import build_factories, build_task, check_factories
 from .costs import warn_costs
 from .jobs import RunFinished
 from .resume import check_resume, check_trusted, init_from_weights, resolve_checkpoint

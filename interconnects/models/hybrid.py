@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import ConfigError, first_line
 from ..contracts import check_backbone, check_decoder, check_interconnect
 
 
@@ -214,7 +214,7 @@ def build_hybrid(cfg, in_channels: int, image_size: tuple[int, int], backbone: n
         except ValueError as exc:
             raise _config_error("interconnect", exc) from None
         except RuntimeError as exc:  # (the decoder pools or convolves a map with nothing left to cover)
-            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            message = first_line(exc)
             if "too small" not in message and "can't be greater than actual input size" not in message:
                 raise
             raise ConfigError(f"decoder: {type(decoder).__name__} cannot take the backbone's {fmap.shape[2]}x{fmap.shape[3]} "
