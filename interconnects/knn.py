@@ -10,7 +10,10 @@ from .checks import check_choice, check_fmap, check_positive
 from .graph import GraphBatch
 
 KNN_METRICS = ("euclidean", "cosine")
-KNN_WEIGHTS = ("ones", "gaussian", "inverse_distance")
+KNN_WEIGHTS = ("ones", "gaussian", "inverse_distance", "continuous")
+#: the ``continuous`` weights' floor (in squared-distance units): keeps them defined, and equal, where
+#: a node's ``k + 1`` nearest are all at the same distance
+CONTINUOUS_EPS = 1e-6
 
 
 # Blocks of the distance matrix are sized to stay in cache (each is written once and read once by
@@ -98,7 +101,11 @@ class KNNGraph(nn.Module):
         dilation: take the ``k·dilation`` nearest and keep every ``dilation``-th (Vision GNN).
         self_loops: let a node be its own neighbour.
         edge_weight: ``ones``, or weights from the feature distance with gradient (``gaussian``:
-            ``exp(-d² / σ²)``, ``inverse_distance``: ``1 / (1 + d)``).
+            ``exp(-d² / σ²)``, ``inverse_distance``: ``1 / (1 + d)``, ``continuous``: a node's
+            weights fall linearly in the squared distance to 0 at its ``(k+1)``-th nearest and sum
+            to 1, ``w_j ∝ (d²_{k+1} - d²_j) + ε``, so that what a node aggregates changes
+            continuously as its features move, also when a neighbour is swapped for another; for
+            ``cosine``, ``1 - cos`` in place of ``d²``).
         sigma: width of the ``gaussian`` edge weight.
         max_bytes: memory bound of one chunk of the distance matrix.
     """
@@ -125,7 +132,22 @@ class KNNGraph(nn.Module):
         self.edge_weight, self.sigma, self.max_bytes = edge_weight, sigma, max_bytes
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, metric={self.metric!r}, dilation={self.dilation}, self_loops={self.self_loops}"
+        return (f"k={self.k}, metric={self.metric!r}, dilation={self.dilation}, self_loops={self.self_loops}, "
+                f"edge_weight={self.edge_weight!r}")
+
+    def _continuous_weights(self, x: Tensor, ranked: Tensor) -> Tensor:
+        """``[B, N, k]`` weights of the ``continuous`` scheme from the node features ``x [B, N, C]`` and
+        the indices ``ranked [B, N, k + 1]`` of each node's neighbours followed by its cut node."""
+        b, n, c = x.shape
+        if self.metric == "cosine":
+            x = nn.functional.normalize(x, dim=-1)
+        others = x.reshape(b * n, c)[ranked + (torch.arange(b, device=x.device) * n).view(b, 1, 1)]  # [B, N, k+1, C]
+        if self.metric == "cosine":
+            dist = 1.0 - (others * x.unsqueeze(2)).sum(-1)  # [B, N, k + 1]
+        else:
+            dist = (others - x.unsqueeze(2)).pow(2).sum(-1)
+        raw = (dist[..., -1:] - dist[..., :-1]).clamp_min(0.0) + CONTINUOUS_EPS
+        return raw / raw.sum(-1, keepdim=True)
 
     def forward(self, fmap: Tensor) -> GraphBatch:
         """``fmap [B, C, h, w]`` → GraphBatch with ``x [B, h·w, C]`` and ``edge_index [2, B·h·w·k]``."""
@@ -138,13 +160,26 @@ class KNNGraph(nn.Module):
                 f"k={self.k} (× dilation={self.dilation}) is out of range for a {h}×{w} map with N={n} nodes; "
                 f"k·dilation must be in [1, {limit}]"
             )
+        continuous = self.edge_weight == "continuous"
+        if continuous and self.k * self.dilation + 1 > limit:
+            raise ValueError(
+                f"k={self.k} (× dilation={self.dilation}) is out of range for edge_weight='continuous' on a "
+                f"{h}×{w} map with N={n} nodes: it needs the (k·dilation + 1)-th nearest, so k·dilation must be "
+                f"in [1, {limit - 1}]"
+            )
         x = fmap.flatten(2).transpose(1, 2)
-        nbr = knn_indices(x, self.k, self.metric, self.dilation, self.self_loops, self.max_bytes)  # [B, N, k]
+        if continuous:  # the k·dilation + 1 nearest: the neighbours, and the one whose distance is the cut
+            ranked = knn_indices(x, self.k * self.dilation + 1, self.metric, 1, self.self_loops, self.max_bytes)
+            nbr = ranked[..., : self.k * self.dilation : self.dilation]
+        else:
+            nbr = knn_indices(x, self.k, self.metric, self.dilation, self.self_loops, self.max_bytes)  # [B, N, k]
         offsets = (torch.arange(b, device=fmap.device) * n).view(b, 1, 1)
         src = (nbr + offsets).flatten()
         dst = (torch.arange(n, device=fmap.device).view(1, n, 1) + offsets).expand(b, n, self.k).flatten()
         if self.edge_weight == "ones":
             weight = torch.ones(src.numel(), dtype=fmap.dtype, device=fmap.device)
+        elif continuous:
+            weight = self._continuous_weights(x, torch.cat([nbr, ranked[..., -1:]], -1)).flatten()
         else:
             flat = x.reshape(b * n, c)
             dist_sq = (flat[src] - flat[dst]).pow(2).sum(-1)

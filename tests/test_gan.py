@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from interconnects.tasks import fid as fid_module
+from interconnects.tasks import gan as gan_module
 from interconnects.tasks.gan import GANTask
 
 
@@ -124,6 +125,12 @@ def test_conv_reference_matches_the_graph_gan_in_size_and_refuses_graph_options(
         GANTask(1, (28, 28), (0.1,), (0.3,), 10, generator={"kind": "conv", "k": 4})
     with pytest.raises(ValueError, match=r"^task.discriminator.layer='gcn' applies to task.discriminator.kind=graph"):
         GANTask(1, (28, 28), (0.1,), (0.3,), 10, discriminator={"kind": "conv", "layer": "gcn"})
+    with pytest.raises(ValueError, match=r"^task.discriminator.edge_weight='continuous' applies to task.discriminator.kind=graph"):
+        GANTask(1, (28, 28), (0.1,), (0.3,), 10, discriminator={"kind": "conv", "edge_weight": "continuous"})
+    with pytest.raises(ValueError, match=r"^task.generator.edge_weight='continuous' applies to edges='knn' only"):
+        GANTask(1, (28, 28), (0.1,), (0.3,), 10, generator={"edges": "grid", "edge_weight": "continuous"})
+    with pytest.raises(ValueError, match=r"^task.discriminator.k=48 is out of range; it must be in \[1, 47\] for a 7×7 feature map with edge_weight='continuous'"):
+        GANTask(1, (28, 28), (0.1,), (0.3,), 10, discriminator={"k": 48, "edge_weight": "continuous"})
     with pytest.raises(ValueError, match=r"^task.generator.kind='mlp' is not supported; choose one of 'graph', 'conv'$"):
         GANTask(1, (28, 28), (0.1,), (0.3,), 10, generator={"kind": "mlp"})
 
@@ -146,15 +153,56 @@ def test_ema_generator_copies_or_averages_batch_norm_statistics(buffers):
         assert all(not torch.equal(live[key], ema[key]) for key in means)
     # the parameters are averaged, not copied
     assert any(not torch.equal(a, b) for a, b in zip(task.generator.parameters(), task.generator_ema.module.parameters()))
-    with pytest.raises(ValueError, match=r"^task.ema_buffers='last' is not supported; choose one of 'average', 'copy'$"):
+    with pytest.raises(ValueError, match=r"^task.ema_buffers='last' is not supported; choose one of 'average', 'copy', 'recompute'$"):
         tiny_gan(ema_buffers="last")
 
 
-@pytest.mark.parametrize("kind", ["graph", "conv"])
+def test_ema_generator_recomputes_its_own_batch_norm_statistics():
+    torch.manual_seed(0)
+    task = tiny_gan(ema_decay=0.9, ema_buffers="recompute")
+    optimize = make_optimize(task)
+    images = (torch.rand(8, 1, 28, 28) - 0.1307) / 0.3081
+    task.train()
+    for _ in range(2):
+        task.training_step((images, torch.zeros(8)), forward, optimize)
+    ema = task.generator_ema.module
+    norms = [m for m in ema.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and task._stale_statistics
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    first = task.sample(4, seeded())  # recomputes the statistics first
+    assert not task._stale_statistics
+    assert all(not m.training and m.momentum == 0.1 for m in norms)
+    # by hand: the first batch norm's mean is that of its inputs over the fixed noise's samples
+    # (no batch norm comes before it, so eval mode gives it the same inputs)
+    noise = torch.Generator().manual_seed(4321)
+    z = torch.cat([task.generator.noise(128, generator=noise) for _ in range(gan_module.RECOMPUTE_SAMPLES // 128)])
+    inputs = []
+    hook = norms[0].register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    with torch.no_grad():
+        ema(z)
+    hook.remove()
+    x = inputs[0]
+    expected = x.mean((0, 2, 3)) if x.dim() == 4 else x.mean(0)
+    torch.testing.assert_close(norms[0].running_mean, expected, rtol=1e-4, atol=1e-5)
+    # the same weights, the same statistics; a training step makes them stale again
+    state = {k: v.clone() for k, v in ema.state_dict().items()}
+    task.recompute_statistics()
+    assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
+    assert torch.equal(task.sample(4, seeded()), first)
+    task.training_step((images, torch.zeros(8)), forward, optimize)
+    assert task._stale_statistics and not torch.equal(task.sample(4, seeded()), first)
+
+
+@pytest.mark.parametrize("kind", ["graph", "conv", "graph-continuous"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_seed_takes_a_finite_step(kind, seed):
     torch.manual_seed(seed)
-    task = tiny_gan(kind, r1_weight=0.01)
+    if kind == "graph-continuous":  # continuous kNN weights in both networks (R1 differentiates through them)
+        task = GANTask(1, (28, 28), (0.1307,), (0.3081,), 10, r1_weight=0.01, num_samples=48, kid_subset_size=8,
+                       sample_grid=4, generator={"channels": 8, "latent_dim": 4, "edges": "knn", "edge_weight": "continuous"},
+                       discriminator={"channels": 8, "hidden": 8, "edge_weight": "continuous"})
+    else:
+        task = tiny_gan(kind, r1_weight=0.01)
     optimize = make_optimize(task)
     images, _ = digits(16, seed)
     batch = ((images.float() / 255 - 0.1307) / 0.3081, torch.zeros(16))

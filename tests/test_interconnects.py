@@ -479,6 +479,47 @@ def test_knn_distance_edge_weights_have_gradient(weight):
     assert bool(fmap.grad.abs().sum() > 0)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_continuous_weights_match_their_formula(metric):
+    fmap = fmap_of(b=2, c=4, h=4, w=4, seed=5).requires_grad_()
+    g = KNNGraph(k=3, metric=metric, edge_weight="continuous")(fmap)
+    x = g.x.detach().double()
+    if metric == "cosine":
+        x = F.normalize(x, dim=-1)
+    dist = torch.cdist(x, x) ** 2 if metric == "euclidean" else 1 - x @ x.transpose(1, 2)
+    dist = dist + torch.diag(torch.full((16,), math.inf, dtype=torch.float64))
+    ranked = brute_force_knn(g.x, 4, metric, 1, False)  # the 3 neighbours, then the cut node
+    assert torch.equal(g.neighbors, ranked[..., :3])  # the same neighbours as with edge_weight="ones"
+    d = dist.gather(2, ranked)
+    raw = (d[..., 3:] - d[..., :3]).clamp_min(0) + 1e-6
+    torch.testing.assert_close(g.neighbor_weight.double(), raw / raw.sum(-1, keepdim=True), rtol=1e-4, atol=1e-5)
+    assert torch.equal(g.edge_weight.view(2, 16, 3), g.neighbor_weight)
+    g.edge_weight.pow(2).sum().backward()
+    assert bool(fmap.grad.abs().sum() > 0)
+
+
+def test_knn_continuous_weights_change_continuously_when_a_neighbour_is_swapped():
+    # node 0 at the origin; nodes 1 and 2 at distance 1, node 3 at 2 ± t, node 4 at 2 ∓ t: with k = 3
+    # the third neighbour changes from node 3 to node 4 as t crosses 0, and node 3 carries a value
+    # (its feature) far from node 4's
+    def message(t, weight):
+        pts = torch.tensor([[0.0, 0], [1, 0], [0, 1], [2 + t, 0], [0, -(2 - t)], [9, 9]])
+        fmap = pts.T.reshape(1, 2, 2, 3)
+        g = KNNGraph(k=3, edge_weight=weight)(fmap)
+        values = torch.tensor([0.0, 0, 0, 10, -10, 0])  # what each node would send
+        return (g.neighbor_weight[0, 0] * values[g.neighbors[0, 0]]).sum()
+
+    for t in (1e-3, 1e-5):
+        assert abs(message(t, "continuous") - message(-t, "continuous")) < 1e3 * t
+        assert abs(message(t, "ones") - message(-t, "ones")) == 20  # the usual kNN graph jumps
+
+
+def test_knn_continuous_weights_need_one_node_beyond_k():
+    KNNGraph(k=3, edge_weight="continuous")(fmap_of(b=1, c=2, h=1, w=5))  # k + 1 = N - 1
+    with pytest.raises(ValueError, match=r"^k=4 \(× dilation=1\) is out of range for edge_weight='continuous' on a 1×5 map"):
+        KNNGraph(k=4, edge_weight="continuous")(fmap_of(b=1, c=2, h=1, w=5))
+
+
 def test_knn_small_graphs():
     g = KNNGraph(k=1, self_loops=True)(fmap_of(b=1, c=2, h=1, w=1))
     assert g.edge_index.tolist() == [[0], [0]]

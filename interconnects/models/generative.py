@@ -24,7 +24,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..checks import check_choice, check_int
 from ..graph import GraphBatch
 from ..grid import DenseGrid
-from ..knn import KNNGraph
+from ..knn import KNN_WEIGHTS, KNNGraph
 from ..to_cnn import GraphToCNN
 from .gnn import GNN_LAYERS, GNNHead
 
@@ -133,6 +133,7 @@ class GraphGenerator(_LatentGrid):
         layer: GNN layer (one of :data:`~interconnects.models.gnn.GNN_LAYERS`).
         edges: ``grid`` or ``knn``.
         k: neighbours per node for ``knn`` edges.
+        edge_weight: the weights of ``knn`` edges (:class:`~interconnects.KNNGraph`'s ``edge_weight``).
     """
 
     def __init__(
@@ -146,14 +147,19 @@ class GraphGenerator(_LatentGrid):
         layer: str = "graphconv",
         edges: str = "grid",
         k: int = 8,
+        edge_weight: str = "ones",
     ) -> None:
         check_choice("edges", edges, GENERATOR_EDGES)
+        check_choice("edge_weight", edge_weight, KNN_WEIGHTS)
+        if edges != "knn" and edge_weight != "ones":
+            raise ValueError(f"edge_weight={edge_weight!r} applies to edges='knn' only; leave it 'ones' with edges={edges!r}")
         check_choice("layer", layer, GNN_LAYERS)
         super().__init__(image_size, latent_dim, grid_size, channels)
-        if edges == "knn" and not 1 <= k < self.num_nodes:
-            raise ValueError(f"k={k!r} is out of range; it must be in [1, {self.num_nodes - 1}] for a "
-                             f"{self.grid[0]}×{self.grid[1]} latent grid")
-        self.graph = DenseGrid(normalize=True) if edges == "grid" else KNNGraph(k=k)
+        top = self.num_nodes - (2 if edge_weight == "continuous" else 1)
+        if edges == "knn" and not 1 <= k <= top:
+            raise ValueError(f"k={k!r} is out of range; it must be in [1, {top}] for a "
+                             f"{self.grid[0]}×{self.grid[1]} latent grid with edge_weight={edge_weight!r}")
+        self.graph = DenseGrid(normalize=True) if edges == "grid" else KNNGraph(k=k, edge_weight=edge_weight)
         self.gnn = GNNHead(channels, layer=layer, hidden_channels=channels, num_layers=num_layers, norm="batch")
         self.to_cnn = GraphToCNN()
         self.up, _ = _upsampler(self.gnn.out_channels, channels, out_channels, self.grid, tuple(image_size))
@@ -238,7 +244,7 @@ class GraphDiscriminator(nn.Module):
 
     Strided convs (LeakyReLU) give a feature map ``[B, channels, h, w]``; :class:`~interconnects.KNNGraph`
     joins each cell to its ``k`` nearest cells in feature space (one batched top-k, no per-image
-    loop); GNN layers; a linear score per node ``[B, N]``; a small MLP over the ``N`` node scores →
+    loop), with weights that fall to 0 at the ``(k+1)``-th nearest; GNN layers; a linear score per node ``[B, N]``; a small MLP over the ``N`` node scores →
     one logit. No batch norm anywhere (it would couple the samples of a batch and break the R1
     penalty's per-sample gradient).
 
@@ -251,6 +257,10 @@ class GraphDiscriminator(nn.Module):
         num_layers: GNN layers.
         layer: GNN layer.
         hidden: width of the MLP over node scores.
+        edge_weight: the kNN graph's edge weights (:class:`~interconnects.KNNGraph`'s ``edge_weight``).
+            ``continuous`` (the default) makes the discriminator a continuous function of its input
+            and its aggregation a weighted mean; with ``ones`` (a sum over 8 neighbours whose choice
+            jumps) it won late in the run on the MNIST sample (``docs/results.md``).
         spectral_norm: wrap every layer with a weight matrix (the convs, the GNN layers' linears, the
             score and the MLP) in spectral normalisation.
     """
@@ -266,18 +276,22 @@ class GraphDiscriminator(nn.Module):
         layer: str = "graphconv",
         hidden: int = 64,
         spectral_norm: bool = True,
+        edge_weight: str = "continuous",
     ) -> None:
         super().__init__()
         check_int("channels", channels)
         check_int("downsamples", downsamples, 0)
         check_int("hidden", hidden)
         check_choice("layer", layer, GNN_LAYERS)
+        check_choice("edge_weight", edge_weight, KNN_WEIGHTS)
         convs, (h, w) = _downsampling_convs(in_channels, channels, downsamples, image_size)
         self.cnn = nn.Sequential(*convs)
         self.num_nodes = h * w
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < self.num_nodes:
-            raise ValueError(f"k={k!r} is out of range; it must be in [1, {self.num_nodes - 1}] for a {h}×{w} feature map")
-        self.graph = KNNGraph(k=k)
+        top = self.num_nodes - (2 if edge_weight == "continuous" else 1)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
+            raise ValueError(f"k={k!r} is out of range; it must be in [1, {top}] for a {h}×{w} feature map "
+                             f"with edge_weight={edge_weight!r}")
+        self.graph = KNNGraph(k=k, edge_weight=edge_weight)
         self.gnn = GNNHead(channels, layer=layer, hidden_channels=channels, num_layers=num_layers, norm=None,
                            act="leaky_relu")
         self.node_score = nn.Linear(self.gnn.out_channels, 1)

@@ -40,14 +40,17 @@ from .fid import (
 )
 
 GAN_LOSSES = ("hinge", "nonsaturating", "lsgan")
-EMA_BUFFERS = ("average", "copy")
+EMA_BUFFERS = ("average", "copy", "recompute")
+#: ``ema_buffers=recompute``: the EMA generator's batch-norm statistics are estimated afresh, before
+#: it is evaluated or sampled, over this many of its own samples (fixed noise), in batches of 128
+RECOMPUTE_SAMPLES = 1024
 #: The classes of ``task.generator.kind`` / ``task.discriminator.kind``.
 NETWORKS = {
     "generator": {"graph": GraphGenerator, "conv": ConvGenerator},
     "discriminator": {"graph": GraphDiscriminator, "conv": ConvDiscriminator},
 }
 #: Options only the graph networks take: null (the class default) or absent for ``kind=conv``.
-GRAPH_ONLY = {"generator": ("edges", "k", "layer"), "discriminator": ("k", "layer")}
+GRAPH_ONLY = {"generator": ("edges", "k", "layer", "edge_weight"), "discriminator": ("k", "layer", "edge_weight")}
 
 
 def network_node(role: str, options: Mapping | None) -> dict:
@@ -119,7 +122,11 @@ class GANTask(Task):
         r1_weight: weight of the R1 penalty ``γ/2·E‖∇D(real)‖²`` (0: off).
         ema_decay: decay of the generator's EMA, in ``[0, 1)`` (0 copies the weights each step).
         ema_buffers: the EMA generator's batch-norm statistics: ``average`` (averaged like the
-            weights) or ``copy`` (the live generator's, copied each step).
+            weights), ``copy`` (the live generator's, copied each step) or ``recompute`` (estimated
+            for the EMA weights themselves, over :data:`RECOMPUTE_SAMPLES` of their own samples,
+            whenever the EMA generator is evaluated or sampled after a training step: the
+            "standing statistics" of BigGAN; the other two pair the averaged weights with statistics
+            of other weights).
         fid_features: ``classifier`` (a small classifier trained on the run's training images,
             cached) or ``inception`` (torch-fidelity's Inception-v3; needs its weights download).
         num_samples: generated images for the test metrics (at least this many, and at least as
@@ -143,7 +150,7 @@ class GANTask(Task):
         loss: str = "hinge",
         r1_weight: float = 0.0,
         ema_decay: float = 0.999,
-        ema_buffers: str = "average",
+        ema_buffers: str = "recompute",
         fid_features: str = "classifier",
         num_samples: int = 1000,
         kid_subset_size: int = 1000,
@@ -175,6 +182,7 @@ class GANTask(Task):
         self.generator_ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay),
                                            use_buffers=ema_buffers == "average")
         self.generator_ema.requires_grad_(False)
+        self._stale_statistics = ema_buffers == "recompute"  # recomputed before the next sampling
         # the fixed noise of the sample grid is part of the task (and of its checkpoint)
         noise = self.generator.noise(sample_grid, torch.Generator().manual_seed(0))
         self.register_buffer("fixed_noise", noise)
@@ -262,8 +270,11 @@ class GANTask(Task):
     @torch.no_grad()
     def update_ema(self) -> None:
         """EMA of the generator's parameters; its buffers (batch-norm statistics) averaged too, or
-        copied as they are (``ema_buffers=copy``)."""
+        copied as they are (``ema_buffers=copy``; ``recompute``: copied too, and recomputed before the
+        EMA generator is next sampled)."""
         self.generator_ema.update_parameters(self.generator)
+        if self.ema_buffers == "recompute":
+            self._stale_statistics = True
         if self.ema_buffers == "average":
             return
         for ema_buffer, buffer in zip(self.generator_ema.module.buffers(), self.generator.buffers()):
@@ -305,10 +316,36 @@ class GANTask(Task):
         return metric
 
     @torch.no_grad()
+    def recompute_statistics(self) -> None:
+        """The EMA generator's batch-norm statistics estimated for its own weights: the running
+        means and variances reset, then averaged (cumulatively) over :data:`RECOMPUTE_SAMPLES`
+        generated from a fixed noise, the layers in training mode; the same weights give the same
+        statistics."""
+        module = self.generator_ema.module
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        device = self.fixed_noise.device
+        noise = torch.Generator(device).manual_seed(4321)
+        momenta = [m.momentum for m in norms]
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the batches
+                m.train()
+            for start in range(0, RECOMPUTE_SAMPLES, 128):
+                module(self.generator.noise(min(128, RECOMPUTE_SAMPLES - start), generator=noise, device=device))
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+                m.eval()
+        self._stale_statistics = False
+
+    @torch.no_grad()
     def sample(self, count: int, generator: torch.Generator | None = None) -> Tensor:
         """``count`` images from the EMA generator, as pixels in ``[0, 1]``: ``[count, C, H, W]``.
         ``generator``: the random generator of the noise (on the task's device)."""
         device = self.fixed_noise.device
+        if self._stale_statistics:
+            self.recompute_statistics()
         z = self.generator.noise(count, generator=generator, device=device)
         return (self.generator_ema.module(z).float() + 1) / 2
 
