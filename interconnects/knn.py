@@ -86,6 +86,14 @@ def knn_indices(
         return out
 
 
+def max_k(num_nodes: int, edge_weight: str = "ones", self_loops: bool = False) -> int:
+    """The largest ``k · dilation`` a graph of ``num_nodes`` nodes allows: every other node (and
+    itself with ``self_loops``), less one for ``edge_weight='continuous'``, whose weights need the
+    ``(k·dilation + 1)``-th nearest as their cut."""
+    limit = num_nodes if self_loops else num_nodes - 1
+    return limit - 1 if edge_weight == "continuous" else limit
+
+
 class KNNGraph(nn.Module):
     """CNN → graph joining each cell to its ``k`` nearest cells in feature space: ``fmap -> GraphBatch``.
 
@@ -154,18 +162,13 @@ class KNNGraph(nn.Module):
         check_fmap(fmap)
         b, c, h, w = fmap.shape
         n = h * w
-        limit = n if self.self_loops else n - 1
-        if self.k * self.dilation > limit:
-            raise ValueError(
-                f"k={self.k} (× dilation={self.dilation}) is out of range for a {h}×{w} map with N={n} nodes; "
-                f"k·dilation must be in [1, {limit}]"
-            )
         continuous = self.edge_weight == "continuous"
-        if continuous and self.k * self.dilation + 1 > limit:
+        top = max_k(n, self.edge_weight, self.self_loops)
+        if self.k * self.dilation > top:
+            need = ("edge_weight='continuous' needs the (k·dilation + 1)-th nearest, so " if continuous else "")
             raise ValueError(
-                f"k={self.k} (× dilation={self.dilation}) is out of range for edge_weight='continuous' on a "
-                f"{h}×{w} map with N={n} nodes: it needs the (k·dilation + 1)-th nearest, so k·dilation must be "
-                f"in [1, {limit - 1}]"
+                f"k={self.k} (× dilation={self.dilation}) is out of range for a {h}×{w} map with N={n} nodes: "
+                f"{need}k·dilation must be in [1, {top}]"
             )
         x = fmap.flatten(2).transpose(1, 2)
         if continuous:  # the k·dilation + 1 nearest: the neighbours, and the one whose distance is the cut

@@ -46,9 +46,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32",
+                        help="bf16: the forward under torch.autocast (trainer.precision=bf16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.experiment}, backbone.width={args.width}, batch {args.batch}, {args.threads} thread(s)")
+    print(f"{args.experiment}, backbone.width={args.width}, batch {args.batch}, {args.threads} thread(s), "
+          f"precision {args.precision}")
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=args.precision == "bf16")
     for channels_last in (False, True):
         torch.manual_seed(0)
         task, opt = build(args.experiment, args.width)
@@ -60,7 +64,9 @@ def main() -> None:
         walls, cpus = [], []
         for step in range(args.steps + 1):
             wall, cpu = time.perf_counter(), time.process_time()
-            loss = torch.nn.functional.cross_entropy(model(images).float(), labels, label_smoothing=0.2)
+            with autocast:
+                logits = model(images)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=0.2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -516,7 +516,7 @@ def test_knn_continuous_weights_change_continuously_when_a_neighbour_is_swapped(
 
 def test_knn_continuous_weights_need_one_node_beyond_k():
     KNNGraph(k=3, edge_weight="continuous")(fmap_of(b=1, c=2, h=1, w=5))  # k + 1 = N - 1
-    with pytest.raises(ValueError, match=r"^k=4 \(× dilation=1\) is out of range for edge_weight='continuous' on a 1×5 map"):
+    with pytest.raises(ValueError, match=r"^k=4 \(× dilation=1\) is out of range for a 1×5 map with N=5 nodes: edge_weight=.continuous. needs the \(k·dilation \+ 1\)-th nearest, so k·dilation must be in \[1, 3\]$"):
         KNNGraph(k=4, edge_weight="continuous")(fmap_of(b=1, c=2, h=1, w=5))
 
 

@@ -24,7 +24,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..checks import check_choice, check_int
 from ..graph import GraphBatch
 from ..grid import DenseGrid
-from ..knn import KNN_WEIGHTS, KNNGraph
+from ..knn import KNN_WEIGHTS, KNNGraph, max_k
 from ..to_cnn import GraphToCNN
 from .gnn import GNN_LAYERS, GNNHead
 
@@ -155,7 +155,7 @@ class GraphGenerator(_LatentGrid):
             raise ValueError(f"edge_weight={edge_weight!r} applies to edges='knn' only; leave it 'ones' with edges={edges!r}")
         check_choice("layer", layer, GNN_LAYERS)
         super().__init__(image_size, latent_dim, grid_size, channels)
-        top = self.num_nodes - (2 if edge_weight == "continuous" else 1)
+        top = max_k(self.num_nodes, edge_weight)
         if edges == "knn" and not 1 <= k <= top:
             raise ValueError(f"k={k!r} is out of range; it must be in [1, {top}] for a "
                              f"{self.grid[0]}×{self.grid[1]} latent grid with edge_weight={edge_weight!r}")
@@ -287,7 +287,7 @@ class GraphDiscriminator(nn.Module):
         convs, (h, w) = _downsampling_convs(in_channels, channels, downsamples, image_size)
         self.cnn = nn.Sequential(*convs)
         self.num_nodes = h * w
-        top = self.num_nodes - (2 if edge_weight == "continuous" else 1)
+        top = max_k(self.num_nodes, edge_weight)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
             raise ValueError(f"k={k!r} is out of range; it must be in [1, {top}] for a {h}×{w} feature map "
                              f"with edge_weight={edge_weight!r}")

@@ -269,16 +269,12 @@ class GANTask(Task):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """EMA of the generator's parameters; its buffers (batch-norm statistics) averaged too, or
-        copied as they are (``ema_buffers=copy``; ``recompute``: copied too, and recomputed before the
-        EMA generator is next sampled)."""
+        """EMA of the generator's parameters. Its buffers (batch-norm statistics) are averaged too
+        (``ema_buffers=average``, ``AveragedModel(use_buffers=True)``) or copied from the generator
+        (``copy`` and ``recompute``: ``AveragedModel`` keeps them in sync when ``use_buffers=False``);
+        ``recompute`` then marks them stale, to be recomputed before the EMA generator is sampled."""
         self.generator_ema.update_parameters(self.generator)
-        if self.ema_buffers == "recompute":
-            self._stale_statistics = True
-        if self.ema_buffers == "average":
-            return
-        for ema_buffer, buffer in zip(self.generator_ema.module.buffers(), self.generator.buffers()):
-            ema_buffer.copy_(buffer)
+        self._stale_statistics = self.ema_buffers == "recompute"
 
     # ---- evaluation -------------------------------------------------------------------------------
     def setup(self, data) -> None:
