@@ -6,9 +6,11 @@ The model and its optimizer are built as ``train.py`` builds them (the ``train``
 optimizer's step of a batch of ``--batch`` images; a figure is the batch divided by the best of
 ``--steps`` steps after one warm-up, both in wall time and in this process's CPU time (CPU seconds
 divided by ``--threads`` give what the step would take on an idle machine, so the CPU-time figure
-holds on a machine that others share).
+holds on a machine that others share). ``--precision bf16`` runs the forward under bf16 autocast, as
+``trainer.precision=bf16`` does (fast on CPUs with bf16 units such as AMX, slow on those without).
 
     python scripts/bench_airbench.py --width 32 --batch 256 --threads 1
+    python scripts/bench_airbench.py --width 32 --batch 256 --threads 1 --precision bf16
 """
 
 from __future__ import annotations
