@@ -103,6 +103,18 @@ def test_scaled_sgd_gives_batchnorm_biases_their_own_rate():
     assert all(g["nesterov"] and g["momentum"] == 0.85 for g in opt.param_groups)
 
 
+def test_optimizer_airbench_takes_airbench94s_steps_for_a_mean_loss():
+    """airbench94 sums the loss of a batch of 1024 and gives PyTorch's SGD lr = 11.5 / s and
+    weight_decay = (0.0153·1024 / s) / lr, s = 1024·(1 + 1/(1 − 0.85)): the config's rates for a
+    mean loss must take the same steps (the gradient's and the decay's)."""
+    cfg = compose(["experiment=cifar10_baseline"]).optimizer
+    scale = 1024 * (1 + 1 / (1 - cfg.momentum))
+    lr_sum, decay_per_step = 11.5 / scale, 0.0153 * 1024 / scale
+    assert cfg.lr / 1024 == pytest.approx(lr_sum, rel=1e-3)  # mean loss: gradients 1024× smaller
+    assert cfg.lr * cfg.weight_decay == pytest.approx(decay_per_step, rel=1e-3)
+    assert cfg.momentum == 0.85 and cfg.nesterov
+
+
 def test_width_scales_the_whole_network():
     def count(width: int) -> int:
         cfg = compose(["experiment=cifar10_baseline", f"backbone.width={width}"])
