@@ -55,8 +55,9 @@ class DataConfig:
     on_device: bool = False  # keep the in-memory dataset on the training GPU and augment it there
     val_fraction: float = 0.1
     split_seed: int = 0
-    augment: str = "none"  # none | crop | crop_flip | affine
+    augment: str = "none"  # none | crop | crop_flip | crop_altflip (the flip alternates by epoch) | affine
     crop_padding: int = 2
+    crop_pad_mode: str = "zeros"  # zeros | reflect: how crop* pads before cutting
     image_size: Optional[int] = None  # resize to image_size × image_size (null: the dataset's own size)
     channels: Optional[int] = None  # 1 (grey) or 3 (RGB); null: as stored (image_folder: the first image's)
     max_memory_gb: float = 4.0  # image_folder: decode into memory up to this size, else read from disk
@@ -85,6 +86,8 @@ class TrainerConfig:
     picture_images: int = 4  # fixed validation images the pictures are drawn from
     log_graph: bool = True  # the task's network in TensorBoard's graph tab, traced once at the start (best effort)
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over the global batch
+    lookahead_every: int = 0  # every N steps the weights are pulled to a slow copy of them (airbench's lookahead); 0: off
+    lookahead_decay: float = 0.95  # the slow copy's decay per step at the run's end (it rises as (step / steps)³)
 
 
 @dataclass

@@ -182,6 +182,13 @@ class Composer:
             out.append(f"trainer.picture_images={pick([0, 1, 2])}")
         if rng.random() < 0.1:
             out.append("data.num_workers=1")
+        if rng.random() < 0.2:
+            out.append(f"data.augment={pick(['crop', 'crop_flip', 'crop_altflip', 'affine'])}")
+            if rng.random() < 0.5:
+                out.append(f"data.crop_pad_mode={pick(['zeros', 'reflect'])}")
+                out.append(f"data.crop_padding={pick([0, 2, 30])}")
+        if rng.random() < 0.15:
+            out.append(f"trainer.lookahead_every={pick([1, 2, 5])}")
         if cfg is None:
             return out
         # tiny widths, so a run costs seconds

@@ -181,3 +181,76 @@ def test_one_batch_run_records_tta_and_evaluate_rebuilds_the_fitted_network(tmp_
     again = json.loads((out / "metrics.json").read_text())
     assert again["test/acc"] == pytest.approx(metrics["test/acc"]) and again["test/tta_views"] == 6
     assert again["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    from interconnects.data.tensors import ImageTensors, alternating_flips
+
+    index = torch.arange(10_000)
+    even, odd, later = (alternating_flips(index, seed=3, epoch=e) for e in (0, 1, 2))
+    assert torch.equal(even, ~odd) and torch.equal(even, later)  # the two halves swap each epoch
+    assert 0.48 < even.float().mean() < 0.52  # about half the images
+    assert not torch.equal(even, alternating_flips(index, seed=4, epoch=0))  # another seed, another half
+    images = torch.randint(0, 256, (6, 1, 5, 7), dtype=torch.uint8)
+    view = ImageTensors(images, torch.arange(6), (0.0,), (1 / 255,), "crop_altflip", padding=0, seed=3)
+    batches = []
+    for epoch in (0, 1):
+        view.epoch = epoch
+        batches.append(view.__getitems__([4, 0, 2])[0])
+    for i, k in enumerate([4, 0, 2]):
+        image = images[k].float()
+        a, b = batches[0][i].round(), batches[1][i].round()  # (normalised by 1/255 and back)
+        assert {tuple(a.flatten().tolist()), tuple(b.flatten().tolist())} == \
+            {tuple(image.flatten().tolist()), tuple(image.flip(-1).flatten().tolist())}
+
+
+def test_reflect_padding_crops_from_the_mirrored_border():
+    from interconnects.data.tensors import random_crop_flip
+
+    images = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4)
+    for seed in range(8):
+        out = random_crop_flip(images, 2, False, torch.Generator().manual_seed(seed), pad_mode="reflect")
+        padded = torch.nn.functional.pad(images, (2,) * 4, mode="reflect")
+        for b in range(2):  # each crop is a 4×4 window of the reflect-padded image
+            windows = padded[b, 0].unfold(0, 4, 1).unfold(1, 4, 1).reshape(-1, 4, 4)
+            assert any(torch.equal(out[b, 0], w) for w in windows)
+    zeros = random_crop_flip(images, 2, False, torch.Generator().manual_seed(0))
+    reflect = random_crop_flip(images, 2, False, torch.Generator().manual_seed(0), pad_mode="reflect")
+    assert (zeros == 0).sum() > (reflect == 0).sum()  # the zero padding shows, the reflection does not
+
+
+def test_lookahead_pulls_the_weights_to_a_slow_copy_on_airbench_schedule():
+    from interconnects.engine.lookahead import Lookahead
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    la = Lookahead({"model": net}, every=2, decay=0.9, total_steps=6)
+    assert len(la.live) == 6  # weight, bias, BN weight, bias, running mean, var (not the step count)
+    assert la.decay_at(6) == pytest.approx(0.81) and la.decay_at(3) == pytest.approx(0.81 / 8)
+    start = [t.clone() for t in la.live]
+    with torch.no_grad():
+        for t in la.live:
+            t.add_(1.0)
+    la.after_step(1)  # not a multiple of every: nothing happens
+    assert all(torch.equal(t, s + 1) for t, s in zip(la.live, start))
+    la.after_step(2)  # slow ← slow + (1 − d)(live − slow); live ← slow
+    d = la.decay_at(2)
+    for t, s, slow in zip(la.live, start, la.slow):
+        torch.testing.assert_close(slow, s + (1 - d))
+        assert torch.equal(t, slow)
+    with torch.no_grad():
+        for t in la.live:
+            t.add_(1.0)
+    la.after_step(5)
+    la.after_step(6)  # the last step (a multiple of every): one more update, then the weights are the slow copy
+    assert all(torch.equal(t, slow) for t, slow in zip(la.live, la.slow))
+    odd = Lookahead({"model": net}, every=4, decay=0.9, total_steps=6)
+    with torch.no_grad():
+        for t in odd.live:
+            t.add_(1.0)
+    odd.after_step(6)  # a last step that is no multiple of every still ends at the slow copy
+    assert all(torch.equal(t, slow) for t, slow in zip(odd.live, odd.slow))
+    restored = Lookahead({"model": net}, every=2, decay=0.9, total_steps=6)
+    restored.load_state_dict(la.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.slow, la.slow))
+    with pytest.raises(ValueError, match="lookahead copy does not fit"):
+        Lookahead({"model": torch.nn.Linear(3, 3)}, 2, 0.9, 6).load_state_dict(la.state_dict())

@@ -337,7 +337,7 @@ def test_on_device_and_pinning_are_cpu_no_ops():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("augment", ["crop", "crop_flip", "affine"])
+@pytest.mark.parametrize("augment", ["crop", "crop_flip", "crop_altflip", "affine"])
 def test_on_device_batches_equal_the_cpu_ones(augment):
     cuda = torch.device("cuda")
     cpu = build_data(data_cfg("data=digits", f"data.augment={augment}"), seed=0)

@@ -69,6 +69,8 @@ def test_the_edges_of_the_numeric_keys_are_tried(fuzz):
                  "interconnect.k=1", "data.root=SAMPLE"):
         assert edge in words, edge
     assert any(w.startswith("trainer.grad_clip=") for w in words)
+    assert any(w.startswith("trainer.lookahead_every=") for w in words)
+    assert any(w.startswith("data.augment=") for w in words)
     assert any(w.startswith("data.image_size=") and int(w.split("=")[1]) % 4 for w in words)
 
 

@@ -34,8 +34,10 @@ from conftest import hang_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Two epochs of 6 batches; a step-level last.ckpt every 2 steps; dropout, augmentation, BatchNorm
-# and the one-cycle schedule all in play, so a resume that missed any state would show.
+# Two epochs of 6 batches; a step-level last.ckpt every 2 steps; dropout, augmentation (the flip
+# alternating by epoch), BatchNorm, the one-cycle schedule and the lookahead of the weights every 3
+# steps (its slow copy differs from the weights at most checkpoints) all in play, so a resume that
+# missed any state would show.
 BASE = {
     "trainer.max_epochs": "2",
     "trainer.limit_train_batches": "6",
@@ -52,6 +54,9 @@ BASE = {
     "data.batch_size": "32",
     "data.eval_batch_size": "64",
     "task.head.dropout": "0.2",
+    "data.augment": "crop_altflip",
+    "data.crop_pad_mode": "reflect",
+    "trainer.lookahead_every": "3",
 }
 PER_EPOCH = 6
 TIMEOUT = hang_limit(60)  # (a hang guard: see conftest.HANG_MARGIN)
@@ -328,6 +333,11 @@ BAD_INPUTS = [
      ["was written by another model", "gnn.hidden_channels=16 here but 8 in the checkpoint"], True),
     ("cuda without cuda", "train.py", ["trainer.device=cuda"], ["trainer.device='cuda'", "CUDA is not available", "auto or cpu"], True),
     ("evaluate without ckpt_path", "evaluate.py", [], ["ckpt_path is missing"], True),
+    ("unknown pad mode", "train.py", ["data.crop_pad_mode=edge"], ["data.crop_pad_mode='edge'", "zeros, reflect"], True),
+    ("reflect padding past the image", "train.py", ["data.crop_padding=28"],
+     ["data.crop_padding=28", "crop_pad_mode=reflect", "28×28", "below 28"], True),
+    ("negative lookahead", "train.py", ["trainer.lookahead_every=-1"], ["trainer.lookahead_every=-1", "≥ 0"], True),
+    ("lookahead decay of 1", "train.py", ["trainer.lookahead_decay=1.0"], ["trainer.lookahead_decay=1.0", "[0, 1)"], True),
 ]
 
 
@@ -407,6 +417,7 @@ def test_kill9_after_a_step_checkpoint_then_resume_equals_uninterrupted_run(jobs
     r = result(jobs, "kill9")
     state = r["state"]
     assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < PER_EPOCH  # written mid-epoch
+    assert state["lookahead"]["every"] == 3 and len(state["lookahead"]["slow"]) > 0
     assert not r["had_metrics"]
     assert r["resumed"].returncode == 0, r["resumed"].output[-3000:]
     assert f"after step {state['step']} (epoch 1, batch {state['batch_in_epoch']} of {PER_EPOCH})" in r["resumed"].output

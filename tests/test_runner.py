@@ -144,7 +144,7 @@ def test_sweep_runs_in_a_subprocess(tmp_path):
         assert "test/acc" in json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("augment", ["crop", "crop_flip", "affine"])
+@pytest.mark.parametrize("augment", ["crop", "crop_flip", "crop_altflip", "affine"])
 def test_augmentation_is_fixed_by_seed_epoch_and_batch(augment):
     """The same (seed, epoch, batch) gives the same images, whatever was drawn before; another epoch differs."""
     from interconnects.data.tensors import ImageTensors

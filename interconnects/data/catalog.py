@@ -10,7 +10,9 @@ from .splits import digits_splits, split_keys
 from .tensors import channel_mean_std
 from .torchvision_sets import CLASS_NAMES, SPECS
 
-AUGMENT = ("none", "crop", "crop_flip", "affine")
+AUGMENT = ("none", "crop", "crop_flip", "crop_altflip", "affine")
+#: ``data.crop_pad_mode``: how ``crop*`` pads before cutting
+PAD_MODES = ("zeros", "reflect")
 
 # every data.name: the torchvision datasets, then the two that need no download
 DATASETS = (*SPECS, "digits", "image_folder")
@@ -71,6 +73,10 @@ def check_data_config(cfg) -> None:
         raise ValueError(f"data.name={cfg.name!r} is not supported; choose one of {', '.join(DATASETS)}")
     if cfg.augment not in AUGMENT:
         raise ValueError(f"data.augment={cfg.augment!r} is not supported; choose one of {', '.join(AUGMENT)}")
+    if cfg.get("crop_padding", 0) < 0:
+        raise ValueError(f"data.crop_padding={cfg.crop_padding} is out of range; it must be an integer ≥ 0")
+    if cfg.get("crop_pad_mode", "zeros") not in PAD_MODES:
+        raise ValueError(f"data.crop_pad_mode={cfg.crop_pad_mode!r} is not supported; choose one of {', '.join(PAD_MODES)}")
     for key in ("batch_size", "eval_batch_size", "image_size"):
         value = cfg.get(key)
         if value is not None and value < 1:

@@ -79,6 +79,7 @@ def build_data(cfg, seed: int, device: torch.device | None = None) -> DataBundle
         info = folder_info(scan)
         (train_view, val, test), note = folder_views(cfg, info, scan)
         train_view.augment, train_view.padding, train_view.seed = cfg.augment, cfg.crop_padding, seed
+        train_view.pad_mode = cfg.get("crop_pad_mode", "zeros")
     else:
         info = data_info(cfg)
         if cfg.name == "digits":
@@ -88,8 +89,14 @@ def build_data(cfg, seed: int, device: torch.device | None = None) -> DataBundle
         if not info.mean:
             info.mean, info.std = channel_mean_std(splits[0][0])
         stats = (info.mean, info.std)
-        train_view = ImageTensors(*splits[0], *stats, cfg.augment, cfg.crop_padding, seed)
+        train_view = ImageTensors(*splits[0], *stats, cfg.augment, cfg.crop_padding, seed,
+                                  cfg.get("crop_pad_mode", "zeros"))
         val, test = (ImageTensors(*pair, *stats) for pair in splits[1:])
+    if cfg.augment.startswith("crop") and cfg.get("crop_pad_mode") == "reflect" \
+            and cfg.crop_padding >= min(info.image_size):
+        raise ValueError(f"data.crop_padding={cfg.crop_padding} is too large for data.crop_pad_mode=reflect on "
+                         f"{info.image_size[0]}×{info.image_size[1]} images; it must be below "
+                         f"{min(info.image_size)} (or use crop_pad_mode=zeros)")
     cuda = device is not None and torch.device(device).type == "cuda"
     on_device = cuda and bool(cfg.get("on_device"))
     if on_device:

@@ -82,23 +82,42 @@ class ChannelMoments:
         return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
-    """Random crops of ``images [B, C, H, W]`` after zero padding by ``padding`` (and random
-    horizontal flips), one draw per image, all in a few tensor ops."""
+def random_crop_flip(images: Tensor, padding: int, flip: bool | Tensor, generator: torch.Generator,
+                     pad_mode: str = "zeros") -> Tensor:
+    """Random crops of ``images [B, C, H, W]`` after padding by ``padding`` (``pad_mode``: ``zeros``
+    or ``reflect``), then horizontal flips: ``flip=True`` mirrors a random half (one draw per image),
+    a bool tensor ``[B]`` mirrors the images it marks. All in a few tensor ops."""
     b, c, h, w = images.shape
     device = images.device  # (the draws come from the CPU generator: the same on every device)
     out = images
     if padding:
-        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        pad = (padding,) * 4
+        padded = torch.nn.functional.pad(images, pad) if pad_mode == "zeros" else \
+            torch.nn.functional.pad(images, pad, mode="reflect")
         dy = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator).to(device)
         dx = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator).to(device)
         rows = (dy + torch.arange(h, device=device).view(1, h, 1)).expand(b, h, w)
         cols = (dx + torch.arange(w, device=device).view(1, 1, w)).expand(b, h, w)
         out = padded[torch.arange(b, device=device).view(b, 1, 1), :, rows, cols].permute(0, 3, 1, 2)
-    if flip:
+    if isinstance(flip, Tensor):
+        out = torch.where(flip.to(device).view(b, 1, 1, 1), out.flip(-1), out)
+    elif flip:
         mask = (torch.rand(b, generator=generator) < 0.5).to(device)
         out = torch.where(mask.view(b, 1, 1, 1), out.flip(-1), out)
     return out.contiguous()
+
+
+def alternating_flips(index: Tensor, seed: int, epoch: int) -> Tensor:
+    """Which of the images at dataset ``index [B]`` are mirrored in ``epoch`` (bool ``[B]``) under
+    airbench's alternating flip: a fixed random half of the dataset (drawn from ``seed`` and each
+    image's index alone) in even epochs, the other half in odd ones, so every image is seen both
+    ways round in any two epochs in a row."""
+    # a per-index hash (splitmix64's finaliser, in 63-bit arithmetic), vectorised and the same on every device
+    mask = (1 << 62) - 1  # (the products wrap in int64; the masks keep the shifts' inputs positive)
+    z = (index.to(torch.long) * 0x1E3779B97F4A7C15 + ((seed * 0x3F58476D1CE4E5B9 + 0x14D049BB133111EB) & mask)) & mask
+    z = ((z ^ (z >> 31)) * 0x2545F4914F6CDD1D) & mask
+    z = z ^ (z >> 29)
+    return ((z >> 17) & 1).bool() ^ bool(epoch % 2)
 
 
 def random_affine(images: Tensor, generator: torch.Generator, degrees: float = 10.0,
@@ -119,16 +138,19 @@ def random_affine(images: Tensor, generator: torch.Generator, degrees: float = 1
 
 class ImageTensors(Dataset):
     """``(images uint8 [N, C, H, W], labels [N])`` served normalised, with optional augmentation:
-    ``crop`` (zero-pad by ``padding``, random crop), ``crop_flip`` (and random horizontal flip) or
-    ``affine`` (random rotation ±10°, zoom 0.9–1.1, shift ±10%).
+    ``crop`` (pad by ``padding``, zeros or ``pad_mode="reflect"``, random crop), ``crop_flip`` (and
+    a random horizontal flip), ``crop_altflip`` (and airbench's alternating flip: each image mirrored
+    in every other epoch, :func:`alternating_flips`) or ``affine`` (random rotation ±10°, zoom
+    0.9–1.1, shift ±10%).
 
     ``__getitems__`` returns a whole batch ``(float images [B, C, H, W], labels [B])``; the random
     draws of a batch depend only on ``(seed, epoch, first index of the batch)``.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, mean, std, augment: str = "none",
-                 padding: int = 0, seed: int = 0) -> None:
+                 padding: int = 0, seed: int = 0, pad_mode: str = "zeros") -> None:
         self.images, self.labels = images, labels
+        self.pad_mode = pad_mode
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.augment, self.padding, self.seed, self.epoch = augment, padding, seed, 0
@@ -153,8 +175,10 @@ class ImageTensors(Dataset):
         generator = None
         if self.augment != "none":
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(indices[0]))
-        if self.augment in ("crop", "crop_flip"):
-            images = random_crop_flip(images, self.padding, self.augment == "crop_flip", generator)
+        if self.augment in ("crop", "crop_flip", "crop_altflip"):
+            flip = alternating_flips(index, self.seed, self.epoch) if self.augment == "crop_altflip" \
+                else self.augment == "crop_flip"
+            images = random_crop_flip(images, self.padding, flip, generator, self.pad_mode)
         images = images.float().div_(255)
         if self.augment == "affine":
             images = random_affine(images, generator)

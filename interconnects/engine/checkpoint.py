@@ -26,7 +26,7 @@ VERSION = 1
 # The allow-list: the top-level entries a checkpoint may hold, and the ones it must hold.
 ALLOWED_KEYS = {
     "format", "version", "model", "optimizers", "schedulers", "scaler", "epoch", "step",
-    "batch_in_epoch", "rng", "best", "accumulators", "config",
+    "batch_in_epoch", "rng", "best", "accumulators", "config", "lookahead",
 }
 REQUIRED_KEYS = {"format", "version", "model", "config"}
 # The only value types the project writes, at any depth.
@@ -35,7 +35,7 @@ ALLOWED_TYPES = (dict, OrderedDict, list, tuple, str, int, float, bool, type(Non
 _ENTRY_TYPES = {
     "format": str, "version": int, "model": dict, "optimizers": dict, "schedulers": dict, "scaler": dict,
     "epoch": int, "step": int, "batch_in_epoch": int, "rng": dict, "best": dict, "accumulators": dict,
-    "config": dict,
+    "config": dict, "lookahead": dict,
 }
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 

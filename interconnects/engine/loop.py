@@ -25,6 +25,7 @@ from .checkpoint import (FORMAT, VERSION, CheckpointError, check_structure, load
 from . import distributed
 from .device import PRECISION, move, resolve_device, resolve_precision
 from .logger import build_logger
+from .lookahead import Lookahead
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ def check_trainer_config(cfg) -> None:
             raise ValueError(f"trainer.{key}={cfg[key]} is out of range; it must be null or ≥ 1")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise ValueError(f"trainer.grad_clip={cfg.grad_clip} is out of range; it must be null or > 0")
+    if cfg.get("lookahead_every", 0) < 0:
+        raise ValueError(f"trainer.lookahead_every={cfg.lookahead_every} is out of range; it must be an integer ≥ 0 "
+                         "(0: no lookahead)")
+    if not 0 <= cfg.get("lookahead_decay", 0.95) < 1:
+        raise ValueError(f"trainer.lookahead_decay={cfg.lookahead_decay} is out of range; it must be in [0, 1)")
     resolve_device(cfg.device)
 
 
@@ -182,6 +188,7 @@ class Trainer:
         self._eager: set[int] = set()  # the task's networks that trainer.compile leaves uncompiled
         self._ddp: dict[int, torch.nn.Module] = {}  # DistributedDataParallel wrappers, under torchrun
         self._step_skipped = False
+        self.lookahead: Lookahead | None = None
 
     # ---- the step ---------------------------------------------------------------------------
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -291,6 +298,8 @@ class Trainer:
             sched.step()
         self.step += 1
         self.batch_in_epoch += 1
+        if self.lookahead is not None:
+            self.lookahead.after_step(self.step)
         return metrics
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -304,6 +313,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
             "rng": rng_state(), "best": dict(self.best), "accumulators": dict(self.acc),
             "config": self.config,
+            **({"lookahead": self.lookahead.state_dict()} if self.lookahead is not None else {}),
         }
 
     def _save(self, name: str) -> None:
@@ -340,6 +350,18 @@ class Trainer:
             raise ValueError(
                 f"{path}: its weights do not fit the model built from this config ({first_line(exc)}); "
                 "pass the same overrides as the run that wrote it") from None
+        if self.lookahead is not None:
+            if state.get("lookahead") is None:
+                self.lookahead = Lookahead(self.task.networks(), self.lookahead.every, self.lookahead.decay,
+                                           self.lookahead.total_steps)
+                log.info("%s holds no lookahead copy of the weights; it starts from the checkpoint's weights", path)
+            else:
+                try:
+                    self.lookahead.load_state_dict(state["lookahead"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(f"{path}: {first_line(exc)}; pass the same overrides as the run that wrote it") from None
+        elif state.get("lookahead") is not None:
+            log.info("%s holds a lookahead copy of the weights; this run has trainer.lookahead_every=0 and drops it", path)
         saved_scheds = state.get("schedulers") or {}
         for group, sched in self.schedulers.items():
             if group not in saved_scheds:
@@ -499,6 +521,9 @@ class Trainer:
         self.schedulers = {k: s for k, o in self.optimizers.items()
                            if (s := make_scheduler(schedulers.get(k), o, self.per_epoch * cfg.max_epochs)) is not None}
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+        every = cfg.get("lookahead_every", 0)
+        self.lookahead = Lookahead(task.networks(), every, cfg.get("lookahead_decay", 0.95),
+                                   self.per_epoch * cfg.max_epochs) if every else None
         self.epoch = self.step = self.batch_in_epoch = self.skipped = 0
         self.last_saved = None  # the step of the last.ckpt this run wrote (or resumed from)
         self.best = {"metric": task.monitor, "value": None, "epoch": None}
