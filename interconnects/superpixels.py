@@ -165,7 +165,9 @@ def _batch_slots(height: int, width: int, num_segments: int, batch: int, device:
     q, s, npix = grid.cand.shape[0], grid.seeds.shape[0], height * width
     p = grid.members.numel() // q
     image = torch.arange(batch).view(1, batch, 1)
-    real = torch.zeros(q * p, dtype=torch.bool).index_fill_(0, grid.slot, True).view(q, p).t().unsqueeze(1)
+    real = torch.zeros(q * p, dtype=torch.bool)
+    real[grid.slot] = True  # (an index_put_, which the tracer of TensorBoard's graph follows; index_fill_ it does not)
+    real = real.view(q, p).t().unsqueeze(1)
     members = grid.members.view(q, p).t().unsqueeze(1)  # [P, 1, Q]
     gather = torch.where(real, image * npix + members, batch * npix).flatten()
     seed_at = (image.view(batch, 1) * npix + grid.seeds[:, 0] * width + grid.seeds[:, 1]).flatten()

@@ -286,6 +286,26 @@ def test_gradients_reach_the_backbone_through_the_pooled_features():
     assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
 
 
+def test_a_superpixel_model_traces_for_tensorboards_graph_tab(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from interconnects.engine.logger import TensorBoardLogger
+    from interconnects.models.hybrid import build_model
+
+    cfg = compose(["backbone=pixels", "interconnect=superpixels", "interconnect.num_segments=20", "gnn=gatedgcn",
+                   "gnn.hidden_channels=8", "decoder=pool"])
+    model = build_model(cfg, 1, (24, 24), num_classes=3)
+    logger = TensorBoardLogger(tmp_path)
+    with caplog.at_level("WARNING"):
+        logger.graph(model, _digits(2))
+    logger.close()
+    assert not [r for r in caplog.records if "graph was not logged" in r.getMessage()]
+    [events] = list(tmp_path.glob("events*"))
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert len(accumulator.Graph().node) > 100
+
+
 def test_the_module_alone_segments_an_image_batch():
     graph = Superpixels(num_segments=75)(torch.rand(2, 1, 28, 28))
     assert isinstance(graph, GraphBatch) and graph.num_nodes == 81 and graph.size == (28, 28)
