@@ -91,9 +91,7 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool | Tensor, generato
     device = images.device  # (the draws come from the CPU generator: the same on every device)
     out = images
     if padding:
-        pad = (padding,) * 4
-        padded = torch.nn.functional.pad(images, pad) if pad_mode == "zeros" else \
-            torch.nn.functional.pad(images, pad, mode="reflect")
+        padded = torch.nn.functional.pad(images, (padding,) * 4, mode="constant" if pad_mode == "zeros" else pad_mode)
         dy = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator).to(device)
         dx = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator).to(device)
         rows = (dy + torch.arange(h, device=device).view(1, h, 1)).expand(b, h, w)

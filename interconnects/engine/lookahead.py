@@ -26,6 +26,11 @@ class Lookahead:
                                    if t.is_floating_point()]
         self.slow: list[Tensor] = [t.detach().clone() for t in self.live]
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start the slow copy afresh from the networks' current weights (a checkpoint without one)."""
+        torch._foreach_copy_(self.slow, self.live)
+
     def decay_at(self, step: int) -> float:
         """The decay of the update after ``step`` steps."""
         return self.decay ** self.every * (min(step, self.total_steps) / max(1, self.total_steps)) ** 3

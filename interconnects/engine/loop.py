@@ -352,8 +352,7 @@ class Trainer:
                 "pass the same overrides as the run that wrote it") from None
         if self.lookahead is not None:
             if state.get("lookahead") is None:
-                self.lookahead = Lookahead(self.task.networks(), self.lookahead.every, self.lookahead.decay,
-                                           self.lookahead.total_steps)
+                self.lookahead.reset()
                 log.info("%s holds no lookahead copy of the weights; it starts from the checkpoint's weights", path)
             else:
                 try:
@@ -518,12 +517,13 @@ class Trainer:
         self.optimizers = {k: optimizers[k](params) for k, params in groups.items()}
         full = self.full_per_epoch = data.train_batches.per_epoch
         self.per_epoch = min(full, cfg.limit_train_batches or full)
+        total_steps = self.per_epoch * cfg.max_epochs
         self.schedulers = {k: s for k, o in self.optimizers.items()
-                           if (s := make_scheduler(schedulers.get(k), o, self.per_epoch * cfg.max_epochs)) is not None}
+                           if (s := make_scheduler(schedulers.get(k), o, total_steps)) is not None}
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
         every = cfg.get("lookahead_every", 0)
-        self.lookahead = Lookahead(task.networks(), every, cfg.get("lookahead_decay", 0.95),
-                                   self.per_epoch * cfg.max_epochs) if every else None
+        self.lookahead = Lookahead(task.networks(), every, cfg.get("lookahead_decay", 0.95), total_steps) \
+            if every else None
         self.epoch = self.step = self.batch_in_epoch = self.skipped = 0
         self.last_saved = None  # the step of the last.ckpt this run wrote (or resumed from)
         self.best = {"metric": task.monitor, "value": None, "epoch": None}
