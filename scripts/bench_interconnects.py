@@ -16,6 +16,7 @@ Before timing, the reference's node features, edges and output map are checked a
     python scripts/bench_interconnects.py --quick         # a small smoke run
     python scripts/bench_interconnects.py --device cuda   # the GPU table
     python scripts/bench_interconnects.py --only superpixels   # batched SLIC against skimage, image by image
+    python scripts/bench_interconnects.py --only learned_edges # the learned-edge MLP over all 784² pixel pairs
 
 The superpixel rows segment 128 MNIST digits and 128 CIFAR-10 images (read in place from
 ``../shared/datasets``) with :class:`interconnects.Superpixels`'s batched SLIC and with
@@ -41,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from interconnects import DenseGrid, GraphToCNN, Keypoints, KNNGraph, Superpixels  # noqa: E402
+from interconnects._edges import grid_positions  # noqa: E402
 from interconnects.engine.device import describe_machine  # noqa: E402
 from interconnects.knn import knn_indices  # noqa: E402
 from interconnects.models.gnn import GNNHead  # noqa: E402
@@ -592,6 +594,36 @@ def bench_superpixel_step(root: Path, batch: int, device: torch.device, repeats:
           flush=True)
 
 
+def bench_learned_edges(batch: int, device: torch.device, repeats: int, warmup: int, size: int = 28) -> None:
+    """``DenseGrid(edges="learned")`` (the edge MLP's first layer split into its source and target halves,
+    broadcast-added) against the published formulation (every [source, target] pair of standardised
+    coordinates as a ``[N, N, 4]`` tensor through the MLP): forward, ``A·x`` over a batch of grey images,
+    backward."""
+    grid = DenseGrid(edges="learned", normalize=False, self_loop_weight=None).to(device)
+    images = torch.randn(batch, 1, size, size, device=device)
+    n = size * size
+
+    def published():
+        xy = grid_positions(size, size, device, torch.float32).flip(-1)
+        xy = (xy - xy.mean(0)) / (xy.std(0, unbiased=False) + 1e-5)
+        pairs = torch.cat([xy.unsqueeze(0).expand(n, n, 2), xy.unsqueeze(1).expand(n, n, 2)], dim=-1)
+        return grid.edge_mlp(pairs).squeeze(-1).unsqueeze(0)
+
+    with torch.no_grad():
+        torch.testing.assert_close(grid(images).adj, published(), rtol=0, atol=1e-6)
+    x = images.flatten(2).transpose(1, 2)
+    t_ours, t_pub = time_group(
+        [lambda: backward(grid(images).adj @ x), lambda: backward(published() @ x)], device, repeats, warmup
+    )
+    print(f"\nLearned edges over the {n} cells of a {size}×{size} map, batch {batch} ({device.type}; forward, A·x, "
+          f"backward), median of {repeats} after {warmup} warm-up (ms):\n")
+    print("| edge MLP | ms | speed-up |")
+    print("|---|---:|---:|")
+    print(f"| published: a [N, N, 4] pair tensor through the MLP | {t_pub:.1f} | 1.0× |")
+    print(f"| ours: source and target halves of the first layer, broadcast-added | {t_ours:.1f} | {t_pub / t_ours:.2f}× |",
+          flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -602,8 +634,9 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="feature-map sides (default 7 14 28)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--only", choices=["knn_gcn", "superpixels"], default=None,
-                        help="only the kNN + GCN row (and the top-k table), or only the superpixel rows")
+    parser.add_argument("--only", choices=["knn_gcn", "superpixels", "learned_edges"], default=None,
+                        help="only the kNN + GCN row (and the top-k table), only the superpixel rows, or only "
+                             "the learned-edge table")
     parser.add_argument("--data-root", type=Path, default=DATASETS,
                         help="the shared datasets folder the superpixel rows read (default ../shared/datasets)")
     parser.add_argument("--superpixel-images", type=int, default=128, help="images per superpixel row (default 128)")
@@ -628,6 +661,9 @@ def main(argv=None) -> None:
         bench_superpixels(args.data_root, args.superpixel_images, device, repeats, warmup, args.superpixels_baseline)
         bench_superpixel_step(args.data_root, args.superpixel_images, device, repeats, warmup)
         return
+    if args.only == "learned_edges":
+        bench_learned_edges(batch, device, repeats, warmup)
+        return
     print(
         f"batch {batch}, C = {args.channels}, forward + backward, median of {repeats} after {warmup} warm-up "
         "(ours, reference and floor taking turns); "
@@ -645,6 +681,7 @@ def main(argv=None) -> None:
             )
     bench_topk(14 if 14 in sizes else sizes[0], batch, device, repeats, warmup)
     if args.only is None:
+        bench_learned_edges(batch, device, repeats, warmup)
         bench_superpixels(args.data_root, args.superpixel_images, device, repeats, warmup)
 
 
