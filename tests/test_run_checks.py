@@ -56,6 +56,20 @@ def test_resume_with_another_model_is_refused_naming_the_keys(grid_run, tmp_path
     assert (run / "metrics.json").read_bytes() == metrics
 
 
+def test_a_key_the_checkpoint_predates_differs_only_away_from_its_default():
+    """A checkpoint written before ``interconnect.edge_shift`` existed resumes under its default (the
+    same model) and is refused under another value, as is a key whose class has no such argument."""
+    from interconnects.engine.resume import model_differences
+
+    saved = {"interconnect": {"_target_": "interconnects.DenseGrid", "edges": "gaussian"}}
+    now = {"interconnect": {**saved["interconnect"], "edge_shift": 0.0}}
+    assert model_differences(now, saved) == []
+    now["interconnect"]["edge_shift"] = -0.2
+    assert model_differences(now, saved) == ["interconnect.edge_shift=-0.2 here but None in the checkpoint"]
+    unknown = {"interconnect": {**saved["interconnect"], "bogus": 0.0}}
+    assert model_differences(unknown, saved) == ["interconnect.bogus=0.0 here but None in the checkpoint"]
+
+
 def test_resuming_a_finished_run_says_so_and_changes_nothing(grid_run, tmp_path):
     run = _copy(grid_run[0], tmp_path)
     before = _tree(run)

@@ -16,13 +16,44 @@ log = logging.getLogger("interconnects")
 MODEL_KEYS = ("data.name", "data.image_size", "data.channels", "backbone.", "interconnect.", "gnn.", "decoder.", "task.")
 
 
+_NO_DEFAULT = object()
+
+
+def _constructor_default(flat: dict, key: str):
+    """The default of the argument ``key`` names in its group's ``_target_`` (``interconnect.edge_shift``:
+    ``DenseGrid``'s ``edge_shift=0.0``), or a sentinel when there is none to find."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    group, _, name = key.rpartition(".")
+    target = flat.get(f"{group}._target_")
+    if not isinstance(target, str):
+        return _NO_DEFAULT
+    try:
+        parameter = inspect.signature(get_object(target)).parameters.get(name)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return _NO_DEFAULT
+    return _NO_DEFAULT if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
 def model_differences(config: dict, saved: dict) -> list[str]:
-    """``key=value`` of the model-defining settings where ``config`` differs from ``saved``."""
+    """``key=value`` of the model-defining settings where ``config`` differs from ``saved``.
+
+    A key the checkpoint's config lacks (written before the key existed) is no difference while its
+    value here is the default its class takes without it: the model built is the same.
+    """
     from ..config import flatten
 
     ours, theirs = flatten(config), flatten(saved or {})
     keys = sorted(k for k in set(ours) | set(theirs) if k.startswith(MODEL_KEYS))
-    return [f"{k}={ours.get(k)!r} here but {theirs.get(k)!r} in the checkpoint" for k in keys if ours.get(k) != theirs.get(k)]
+
+    def differs(k: str) -> bool:
+        if k in ours and k not in theirs and ours[k] == _constructor_default(ours, k):
+            return False
+        return ours.get(k) != theirs.get(k)
+
+    return [f"{k}={ours.get(k)!r} here but {theirs.get(k)!r} in the checkpoint" for k in keys if differs(k)]
 
 
 #: Settings the restored state would silently override: the RNG states, the data order and the
