@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -15,6 +17,8 @@ GRID_EDGES = ("inverse_distance", "gaussian", "grid4", "grid8", "learned")
 GRID_AGGREGATE = ("auto", "dense", "fft")
 #: Edge schemes whose weight depends only on the offset between two cells (an FFT convolution).
 FFT_EDGES = ("inverse_distance", "gaussian")
+#: ``edge_shift`` moves the weights above this (the tutorial's threshold); smaller ones stay as built.
+SHIFT_ABOVE = 1e-4
 #: ``aggregate="auto"`` uses the FFT from this many nodes on: the crossover measured on the CPU (one GCN
 #: layer, C = 64, batch 8, forward + backward, one thread; docs/benchmarks.md): dense is faster at
 #: 32×32, the FFT at 48×48.
@@ -39,6 +43,11 @@ class DenseGrid(nn.Module):
         self_loop_weight: the weight put on the diagonal; ``None`` keeps the scheme's own
             (1 for distance schemes, none for ``grid4``/``grid8``, predicted for ``learned``).
         normalize: apply the symmetric degree normalisation ``D^-1/2 A D^-1/2``.
+        edge_shift: added to every weight above :data:`SHIFT_ABOVE` once the adjacency is built
+            (normalised, if ``normalize``): ``-0.2`` is the trick of Knyazev's tutorial code,
+            ``A[A > 1e-4] -= 0.2``, which makes near neighbours' weights negative. Distance schemes
+            (``inverse_distance``, ``gaussian``) with the dense adjacency only: the shifted matrix is
+            no convolution, so ``aggregate='auto'`` stays dense.
         hidden: width of the ``learned`` edge MLP.
         aggregate: how distance schemes apply their shared adjacency: ``dense`` (the ``[1, N, N]``
             matrix), ``fft`` (a 2-D convolution through ``torch.fft``, ``O(N log N)`` time and
@@ -60,6 +69,7 @@ class DenseGrid(nn.Module):
         coord_scale: float = 1.0,
         self_loop_weight: float | None = 1.0,
         normalize: bool = False,
+        edge_shift: float = 0.0,
         hidden: int = 64,
         aggregate: str = "auto",
     ) -> None:
@@ -71,6 +81,13 @@ class DenseGrid(nn.Module):
                 f"aggregate='fft' needs edges in {', '.join(map(repr, FFT_EDGES))} (a weight that depends only on "
                 f"the offset between cells), got edges={edges!r}; use aggregate='auto' or 'dense'"
             )
+        if isinstance(edge_shift, bool) or not isinstance(edge_shift, (int, float)) or not math.isfinite(edge_shift):
+            raise ValueError(f"edge_shift={edge_shift!r} is not supported; it must be a finite number (0: no shift)")
+        if edge_shift and (edges not in FFT_EDGES or aggregate == "fft"):
+            raise ValueError(
+                f"edge_shift={edge_shift} needs edges in {', '.join(map(repr, FFT_EDGES))} with aggregate 'auto' or "
+                f"'dense' (a shift of the dense adjacency's weights), got edges={edges!r}, aggregate={aggregate!r}"
+            )
         check_positive("sigma", sigma)
         check_positive("cutoff", cutoff, allow_zero=True)
         check_positive("coord_scale", coord_scale)
@@ -80,6 +97,7 @@ class DenseGrid(nn.Module):
         self.sigma, self.cutoff, self.squared, self.coord_scale = sigma, cutoff, squared, coord_scale
         self.self_loop_weight = self_loop_weight
         self.normalize = normalize
+        self.edge_shift = float(edge_shift)
         self.aggregate = aggregate
         self.edge_mlp = (
             nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Tanh())
@@ -91,12 +109,12 @@ class DenseGrid(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"edges={self.edges!r}, self_loop_weight={self.self_loop_weight}, normalize={self.normalize}, "
-            f"aggregate={self.aggregate!r}"
+            f"aggregate={self.aggregate!r}" + (f", edge_shift={self.edge_shift}" if self.edge_shift else "")
         )
 
     def uses_fft(self, h: int, w: int) -> bool:
         """Whether an ``h × w`` map is aggregated by FFT (``aggregate`` and the scheme decide)."""
-        if self.edges not in FFT_EDGES or self.aggregate == "dense":
+        if self.edges not in FFT_EDGES or self.aggregate == "dense" or self.edge_shift:
             return False
         return self.aggregate == "fft" or h * w >= FFT_MIN_NODES
 
@@ -135,6 +153,8 @@ class DenseGrid(nn.Module):
         adj = set_self_loops(adj, self.self_loop_weight)
         if self.normalize:
             adj = normalize_symmetric(adj)
+        if self.edge_shift:
+            adj = torch.where(adj > SHIFT_ABOVE, adj + self.edge_shift, adj)
         return adj.to(dtype).unsqueeze(0)
 
     def _convolution(self, h: int, w: int, device, dtype) -> GridConvolution:

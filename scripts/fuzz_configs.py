@@ -204,6 +204,8 @@ class Composer:
             out.append(f"gnn.num_layers={pick([0, 1, 2])}")
         if _has(cfg, "task.generator.num_layers") and rng.random() < 0.3:
             out.append(f"task.generator.num_layers={pick([0, 1])}")
+        if _has(cfg, "interconnect.edge_shift") and rng.random() < 0.1:
+            out.append(f"interconnect.edge_shift={pick([-0.2, 0.5])}")  # refused unless a dense distance scheme
         if _has(cfg, "backbone.output_stride") and rng.random() < 0.3:
             out.append(f"backbone.output_stride={pick([1, 2, 4, 8])}")
         if _has(cfg, "backbone.stage") and rng.random() < 0.5:

@@ -223,6 +223,28 @@ def test_dense_grid_self_loop_weight(edges):
     assert torch.equal(zero, torch.zeros(9))
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dense_grid_edge_shift_moves_the_weights_above_the_threshold(normalize):
+    """``edge_shift`` adds to every built weight above 1e-4 and leaves the rest; ``auto`` stays dense."""
+    kwargs = dict(edges="gaussian", sigma=1.5, normalize=normalize)
+    base = DenseGrid(**kwargs)(fmap_of(h=7, w=7)).adj
+    shifted_grid = DenseGrid(**kwargs, edge_shift=-0.2)
+    assert not shifted_grid.uses_fft(64, 64)
+    shifted = shifted_grid(fmap_of(h=7, w=7)).adj
+    above = base > 1e-4
+    assert bool(above.any()) and bool((~above).any())
+    torch.testing.assert_close(shifted[above], base[above] - 0.2)
+    assert torch.equal(shifted[~above], base[~above])
+
+
+@pytest.mark.parametrize("kwargs", [dict(edges="grid4"), dict(edges="learned"), dict(aggregate="fft"),
+                                    dict(edge_shift="big"), dict(edge_shift=float("nan"))])
+def test_dense_grid_edge_shift_refuses_what_it_cannot_shift(kwargs):
+    kwargs = {"edge_shift": -0.2, **kwargs}
+    with pytest.raises(ValueError, match="edge_shift="):
+        DenseGrid(**kwargs)
+
+
 def test_dense_grid_self_loop_weight_on_neighbour_grids():
     g = DenseGrid(edges="grid4", self_loop_weight=0.5)(fmap_of(b=1, h=3, w=3))
     loops = g.edge_index[0] == g.edge_index[1]

@@ -65,6 +65,7 @@ def test_knyazev_learned_edges_config_is_the_published_recipe():
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.optimizer.nesterov) == (
         0.001, 0.0, 0.0001, False)
     assert cfg.data.batch_size == 64 and cfg.data.augment == "none"
+    assert cfg.task.label_smoothing == 0.0  # the published loss: plain cross-entropy
     model = build_model(cfg, 1, (28, 28), 10)
     assert sum(p.numel() for p in model.parameters()) == 385 + 784 * 10
 
