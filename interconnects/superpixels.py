@@ -360,11 +360,14 @@ class Superpixels(nn.Module):
                 f"iterations={self.iterations}, edges={self.edges!r}{knn}")
 
     # ---- segmentation --------------------------------------------------------------------------
+    @torch.compiler.disable
     @torch.no_grad()
     def segment(self, image: Tensor) -> Tensor:
         """``image [B, C, H, W] -> regions [B, H, W]`` long in ``[0, S)``: batched SLIC
         (:meth:`cluster`), then :func:`enforce_connectivity`. Not differentiable (a region choice is
-        discrete)."""
+        discrete). Left out of ``torch.compile`` (``trainer.compile=true`` compiles the rest of the
+        model): inductor's C++ code for the connectivity's masked label comparisons does not
+        compile on the CPU (torch 2.14), and the segmentation is a small share of a step."""
         labels = self.cluster(image)
         s = seed_layout(*image.shape[-2:], self.num_segments, image.device).seeds.shape[0]
         return enforce_connectivity(labels, s, self.min_size_factor * labels[0].numel() / s)

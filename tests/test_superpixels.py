@@ -286,6 +286,31 @@ def test_gradients_reach_the_backbone_through_the_pooled_features():
     assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
 
 
+def test_a_compiled_superpixel_model_gives_the_eager_logits_and_gradients():
+    """``trainer.compile=true`` (cifar10_superpixels' default): inductor compiles the model around
+    the segmentation, which stays eager (inductor's C++ for the connectivity's masks failed to
+    compile, and the run fell back to eager for good)."""
+    import torch._dynamo
+
+    from interconnects.models.hybrid import build_model
+
+    cfg = compose(["backbone=pixels", "interconnect=superpixels", "interconnect.num_segments=20", "gnn=gatedgcn",
+                   "gnn.hidden_channels=8", "gnn.num_layers=2", "decoder=pool"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 3, (32, 32), num_classes=3)
+    images = torch.rand(4, 3, 32, 32)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model)(images)  # a C++ compile error would raise here
+    finally:
+        torch._dynamo.reset()
+    eager = model(images)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    first = torch.autograd.grad(compiled.logsumexp(1).sum(), model.gnn.convs[0].conv.lin_key.weight)[0]
+    again = torch.autograd.grad(eager.logsumexp(1).sum(), model.gnn.convs[0].conv.lin_key.weight)[0]
+    torch.testing.assert_close(first, again, rtol=1e-4, atol=1e-5)
+
+
 def test_a_superpixel_model_traces_for_tensorboards_graph_tab(tmp_path, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
