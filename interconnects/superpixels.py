@@ -372,6 +372,13 @@ class Superpixels(nn.Module):
         s = seed_layout(*image.shape[-2:], self.num_segments, image.device).seeds.shape[0]
         return enforce_connectivity(labels, s, self.min_size_factor * labels[0].numel() / s)
 
+    @torch.compiler.disable
+    def _segment_with_seeds(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`segment` and the seeds ``[S, 2]`` of the image's shape (their layout is built once
+        per shape, in a cache that ``torch.compile`` would trace through)."""
+        seeds = seed_layout(*image.shape[-2:], self.num_segments, image.device).seeds
+        return self.segment(image), seeds
+
     @torch.no_grad()
     def cluster(self, image: Tensor) -> Tensor:
         """The SLIC k-means alone: ``image [B, C, H, W] -> [B, H, W]`` long, the seed each pixel chose
@@ -439,8 +446,8 @@ class Superpixels(nn.Module):
             raise ValueError(f"image must be [B, C, H, W] with B = {fmap.shape[0]}, got {tuple(image.shape)}")
         b, c, h, w = fmap.shape
         height, width = image.shape[-2:]
-        regions = self.segment(image)  # [B, H, W]
-        s = seed_layout(height, width, self.num_segments, image.device).seeds.shape[0]
+        regions, seeds = self._segment_with_seeds(image)  # [B, H, W], [S, 2]
+        s = seeds.shape[0]
         if self.edges == "knn" and self.k >= s:
             raise ValueError(f"k={self.k} is out of range for {s} regions on a {height}×{width} image; "
                              f"it must be in [1, {s - 1}]")
@@ -478,13 +485,12 @@ class Superpixels(nn.Module):
         x = torch.cat([pooled, extra.to(dtype), colour.to(dtype)], dim=-1)
         pos = (centroid + 0.5) * torch.tensor([h / height, w / width], device=device) - 0.5  # fmap cells
         valid = count > 0
-        # an empty slot becomes a copy of the region that holds its seed pixel
-        seeds = seed_layout(height, width, self.num_segments, device).seeds
+        # an empty slot becomes a copy of the region that holds its seed pixel (always gathered, an
+        # identity where no slot is empty: no data-dependent branch to break a compiled graph)
         holder = label.gather(1, (seeds[:, 0] * width + seeds[:, 1]).expand(b, s))
         take = torch.where(valid, torch.arange(s, device=device).expand(b, s), holder)  # [B, S]
-        if not bool(valid.all()):
-            x = x.gather(1, take.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            pos = pos.gather(1, take.unsqueeze(-1).expand(-1, -1, 2))
+        x = x.gather(1, take.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        pos = pos.gather(1, take.unsqueeze(-1).expand(-1, -1, 2))
         common = dict(x=x, pos=pos, size=(h, w), assignment=assignment, regions=regions, valid=valid)
         if self.edges == "knn":
             with torch.no_grad():

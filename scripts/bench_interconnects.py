@@ -25,8 +25,8 @@ two agree: boundary recall (the share of skimage's boundary pixels that ours has
 and achievable segmentation accuracy (the share of pixels whose region of ours lies mostly in the same
 skimage region), also for each of our iteration counts; ``--superpixels-baseline FILE`` times another
 version of ``interconnects/superpixels.py`` in the same rows. A last table times one training step of
-``experiment=mnist_superpixels`` with its GatedGCN layers on the flat edge list against the
-fixed-degree view.
+``experiment=mnist_superpixels`` and ``cifar10_superpixels`` with their GatedGCN layers on the flat
+edge list, on the fixed-degree view, and on the latter under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -540,9 +540,10 @@ def bench_superpixels(root: Path, batch: int, device: torch.device, repeats: int
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
-def superpixel_model(experiment: str, batch: int, flat_edges: bool):
-    """The model of ``experiment`` as ``train.py`` builds it for 28×28 grey digits (10 classes); with
-    ``flat_edges`` its GNN layers are given the flat edge list instead of the fixed-degree view."""
+def superpixel_model(experiment: str, batch: int, flat_edges: bool, channels: int, size: tuple[int, int]):
+    """The model of ``experiment`` as ``train.py`` builds it for ``channels``-channel images of ``size``
+    (10 classes); with ``flat_edges`` its GNN layers are given the flat edge list instead of the
+    fixed-degree view."""
     from hydra import compose, initialize_config_dir
 
     from interconnects.config import register
@@ -553,7 +554,7 @@ def superpixel_model(experiment: str, batch: int, flat_edges: bool):
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", f"data.batch_size={batch}"])
     torch.manual_seed(0)
-    model = build_model(cfg, 1, (28, 28), 10)
+    model = build_model(cfg, channels, size, 10)
     if flat_edges:
         for head in model.modules():
             if isinstance(head, GNNHead):
@@ -562,36 +563,52 @@ def superpixel_model(experiment: str, batch: int, flat_edges: bool):
 
 
 def bench_superpixel_step(root: Path, batch: int, device: torch.device, repeats: int, warmup: int) -> None:
-    """One training step of ``experiment=mnist_superpixels`` (segmentation in the forward, Adam) on
-    ``batch`` MNIST digits, its GatedGCN layers on the flat edge list against the fixed-degree view."""
-    images = load_mnist(root, batch).to(device)
-    images = (images - 0.1307) / 0.3081
-    labels = torch.arange(batch, device=device) % 10
-    rows = []
-    for flat in (True, False):
-        model, lr = superpixel_model("mnist_superpixels", batch, flat)
-        model.to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    """One training step of ``experiment=mnist_superpixels`` and ``cifar10_superpixels``
+    (segmentation in the forward, Adam) on ``batch`` test images, their GatedGCN layers on the flat
+    edge list, on the fixed-degree view, and the latter under ``torch.compile`` (``trainer.compile=true``;
+    the segmentation stays eager)."""
+    from interconnects.data.torchvision_sets import SPECS
 
-        def step(model=model, optimizer=optimizer):
-            optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(images), labels).backward()
-            optimizer.step()
+    print(f"\nTraining step, {batch} test images ({device.type}, forward with the segmentation + backward + "
+          f"Adam), median of {repeats} after {warmup} warm-up (ms); the compiled row's first step (its "
+          "compilation) is not timed:\n")
+    print("| experiment | GatedGCN edges | step (ms) | of which SLIC (ms) | speed-up |")
+    print("|---|---|---:|---:|---:|")
+    for experiment, load, spec in (("mnist_superpixels", load_mnist, "mnist"),
+                                   ("cifar10_superpixels", load_cifar, "cifar10")):
+        images = load(root, batch).to(device)
+        mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in SPECS[spec][4:6])
+        images = (images - mean) / std
+        labels = torch.arange(batch, device=device) % 10
+        rows = []
+        for flat, compiled in ((True, False), (False, False), (False, True)):
+            model, lr = superpixel_model(experiment, batch, flat, images.shape[1], tuple(images.shape[-2:]))
+            model.to(device).train()
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+            run = torch.compile(model) if compiled else model
 
-        rows.append((model, step))
-    with torch.no_grad():  # the same function on both edge forms
-        rows[0][0].eval(), rows[1][0].eval()
-        torch.testing.assert_close(rows[0][0](images), rows[1][0](images), rtol=1e-4, atol=1e-5)
-        rows[0][0].train(), rows[1][0].train()
-    segment = rows[0][0].interconnect.segment
-    t_flat, t_gather, t_seg = time_group([rows[0][1], rows[1][1], lambda: segment(images)], device, repeats, warmup)
-    print(f"\nTraining step of experiment=mnist_superpixels, {batch} MNIST digits ({device.type}, forward with "
-          f"the segmentation + backward + Adam), median of {repeats} after {warmup} warm-up (ms):\n")
-    print("| GatedGCN edges | step (ms) | of which SLIC (ms) | speed-up |")
-    print("|---|---:|---:|---:|")
-    print(f"| flat edge list (ResGatedGraphConv, per edge) | {t_flat:.1f} | {t_seg:.1f} | 1.0× |")
-    print(f"| fixed-degree view (per node, then a gather) | {t_gather:.1f} | {t_seg:.1f} | {t_flat / t_gather:.1f}× |",
-          flush=True)
+            def step(run=run, optimizer=optimizer):
+                optimizer.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(run(images), labels).backward()
+                optimizer.step()
+
+            rows.append((model, run, step))
+        with torch.no_grad():  # the same function on all three
+            for model, _, _ in rows:
+                model.eval()
+            ref = rows[1][0](images)
+            for _, run, _ in (rows[0], rows[2]):
+                torch.testing.assert_close(run(images), ref, rtol=1e-4, atol=1e-5)
+            for model, _, _ in rows:
+                model.train()
+        rows[2][2]()  # the compilation of the training graphs, untimed
+        segment = rows[0][0].interconnect.segment
+        t_flat, t_gather, t_compiled, t_seg = time_group([r[2] for r in rows] + [lambda: segment(images)],
+                                                         device, repeats, warmup)
+        for name, t in (("flat edge list (ResGatedGraphConv, per edge)", t_flat),
+                        ("fixed-degree view (per node, then a gather)", t_gather),
+                        ("fixed-degree view, torch.compile", t_compiled)):
+            print(f"| {experiment} | {name} | {t:.1f} | {t_seg:.1f} | {t_flat / t:.1f}× |", flush=True)
 
 
 def bench_learned_edges(batch: int, device: torch.device, repeats: int, warmup: int, size: int = 28) -> None:
