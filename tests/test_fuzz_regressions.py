@@ -130,6 +130,14 @@ def test_a_gcn_on_a_large_complete_graph_is_warned_though_it_builds_no_tensor_pe
                           "gnn.hidden_channels=8") == []
 
 
+def test_a_gatedgcn_on_superpixels_is_warned_naming_the_graph_keys_not_the_backbone(caplog):
+    """cifar10_superpixels' setting: its node-wise linears hold more multiply-adds than its 968 edges, but
+    the per-edge gates take the time, and ``backbone=pixels`` has no width or stage to make smaller."""
+    [line] = _cost_warnings(caplog, "experiment=cifar10_superpixels", "data=digits", "data.image_size=32")
+    assert "121 nodes (interconnect.num_segments)" in line and "968 edges: interconnect.k" in line, line
+    assert "gnn.layer=gatedgcn (a tensor per edge)" in line and "backbone (" not in line, line
+
+
 def test_the_estimate_leaves_the_rng_and_the_train_mode_as_they_were():
     from conftest import compose
     from interconnects.data import data_info

@@ -119,9 +119,13 @@ def step_cost(model: nn.Module, in_channels: int, image_size: tuple[int, int]) -
 def _keys(model, cost: StepCost, batch_size: int) -> list[str]:
     """The command-line keys that make ``cost`` large, the largest share first."""
     keys = [f"data.batch_size={batch_size}"]
-    if cost.graph >= cost.cnn:
+    # (by time where the layers build a tensor per edge: their multiply-adds are few, their memory is not)
+    graph_share = cost.edges * cost.channels * cost.layers * PER_EDGE_SECONDS * CPU_MACS_PER_S / 3.0 \
+        if cost.per_edge_bytes else cost.graph
+    if graph_share >= cost.cnn or not any(p.numel() for p in model.backbone.parameters()):
         interconnect = type(getattr(model, "interconnect", None)).__name__
-        nodes_key = {"Keypoints": "interconnect.num_keypoints"}.get(interconnect, "data.image_size / backbone")
+        nodes_key = {"Keypoints": "interconnect.num_keypoints", "Superpixels": "interconnect.num_segments"}.get(
+            interconnect, "data.image_size / backbone")
         edges = "a complete graph (interconnect.edges)" if cost.dense else "interconnect.k"
         keys += [f"{cost.nodes} nodes ({nodes_key})", f"{cost.edges:,} edges: {edges}",
                  f"gnn.hidden_channels={cost.channels}", f"gnn.num_layers={cost.layers}"]
