@@ -134,6 +134,9 @@ class EvaluateConfig:
     device: str = "auto"
     limit_batches: Optional[int] = None
     trust: list = field(default_factory=list)  # modules outside the package the checkpoint may build classes from
+    # test-time augmentation of the evaluated split (classification): null keeps the checkpoint's own
+    # task.tta, which applies to the test split only; false | flip | shift | true applies to `split`
+    tta: Any = None
 
 
 def _unique_suffix() -> str:

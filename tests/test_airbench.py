@@ -152,13 +152,16 @@ def test_tta_averages_the_mirror_and_shifted_views():
     with torch.no_grad():
         one, plain = tta_logits(model, images, forward, 1)
         two, _ = tta_logits(model, images, forward, 2)
+        three, plain3 = tta_logits(model, images, forward, 3)
         six, plain6 = tta_logits(model, images, forward, 6)
         padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
         views = [padded[..., :8, :8], padded[..., 2:, 2:]]
         shifted = torch.stack([0.5 * (model(v) + model(v.flip(-1))) for v in views]).mean(0)
-    assert torch.equal(one, plain) and torch.equal(plain6, plain)
+        unmirrored = torch.stack([model(v) for v in views]).mean(0)
+    assert torch.equal(one, plain) and torch.equal(plain6, plain) and torch.equal(plain3, plain)
     assert torch.allclose(two, 0.5 * (model(images) + model(images.flip(-1))).detach(), atol=1e-6)
     assert torch.allclose(six, 0.5 * two + 0.5 * shifted, atol=1e-6)
+    assert torch.allclose(three, 0.5 * one + 0.5 * unmirrored, atol=1e-6)  # shift: no mirror anywhere
     with pytest.raises(ValueError, match="tta="):
         tiny_task(tta="sideways")
 
@@ -169,7 +172,7 @@ def test_one_batch_run_records_tta_and_evaluate_rebuilds_the_fitted_network(tmp_
     common = ["data=image_folder", f"data.root={root}", "data.num_workers=0"]
     done = run_cli("train.py", "experiment=cifar10_baseline", *common, "backbone.width=8", "data.batch_size=16",
                    "trainer.max_epochs=1", "trainer.limit_train_batches=1", "logger=none", "trainer.progress=false",
-                   f"hydra.run.dir={run}")
+                   "data.val_fraction=0.2", f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test/tta_views"] == 6 and 0.0 <= metrics["test/acc_plain"] <= 1.0
@@ -181,6 +184,16 @@ def test_one_batch_run_records_tta_and_evaluate_rebuilds_the_fitted_network(tmp_
     again = json.loads((out / "metrics.json").read_text())
     assert again["test/acc"] == pytest.approx(metrics["test/acc"]) and again["test/tta_views"] == 6
     assert again["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
+    # tta=... moves the views to the evaluated split (validation here), never changing the checkpoint's own
+    shifts = tmp_path / "eval_val"
+    evaluated = run_cli("evaluate.py", f"ckpt_path={run}", "split=val", "tta=shift", f"hydra.run.dir={shifts}")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    on_val = json.loads((shifts / "metrics.json").read_text())
+    assert on_val["val/tta_views"] == 3 and 0.0 <= on_val["val/acc_plain"] <= 1.0
+    refused = run_cli("evaluate.py", f"ckpt_path={run}", "tta=sideways", f"hydra.run.dir={tmp_path / 'bad'}")
+    errors = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(errors) == 1 and "tta='sideways'" in errors[0] and "shift" in errors[0]
+    assert not (tmp_path / "bad").exists()
 
 
 def test_alternating_flip_mirrors_each_image_in_every_other_epoch():

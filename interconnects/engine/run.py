@@ -188,6 +188,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     from ..data import build_data, data_info
+    from ..tasks.classify import ClassificationTask, check_tta
     from .checkpoint import load_checkpoint, write_json_atomic
     from .device import resolve_device
     from .loop import Trainer
@@ -198,6 +199,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         raise ValueError(f"split={cfg.split!r} is not supported; choose test, val or train")
     if cfg.limit_batches is not None and cfg.limit_batches < 1:
         raise ValueError(f"limit_batches={cfg.limit_batches} is out of range; it must be null or ≥ 1")
+    if cfg.tta is not None:
+        check_tta(cfg.tta, ", or null for the checkpoint's own")
     device = resolve_device(cfg.device, "device")
     ckpt_path = resolve_checkpoint(cfg.ckpt_path)
     state = load_checkpoint(ckpt_path)
@@ -214,6 +217,11 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         task.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise ValueError(f"{ckpt_path}: its weights do not fit the model built from its own config ({first_line(exc)})") from None
+    if cfg.tta is not None:
+        if not isinstance(task, ClassificationTask):
+            raise ValueError(f"tta={cfg.tta!r} applies to classification checkpoints; {ckpt_path} holds a "
+                             f"{type(task).__name__}")
+        task.set_tta(cfg.tta, cfg.split)
     data = build_data(run_cfg.data, run_cfg.seed, device)
     run_cfg.trainer.device = str(device)
     run_cfg.trainer.compile = False

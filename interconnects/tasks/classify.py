@@ -12,25 +12,36 @@ from ..checks import check_fraction
 from ..models.airbench import fit_to_data
 from .base import Forward, Optimize, Task
 
-#: ``task.tta``: the views averaged at test time (``true``: airbench's flip and one-pixel shifts)
-TTA = {False: 1, "none": 1, "flip": 2, True: 6, "flip_shift": 6}
+#: ``task.tta``: the views averaged at test time (``true``: airbench's flip and one-pixel shifts;
+#: ``shift``: the shifts without the mirror, for images a mirror changes, such as digits)
+TTA = {False: 1, "none": 1, "flip": 2, "shift": 3, True: 6, "flip_shift": 6}
+TTA_CHOICES = "false, flip, shift (one-pixel shifts, no mirror) or true (flip and one-pixel shifts)"
 #: training images a module that fits itself to the data (the whitening conv) is shown
 FIT_IMAGES = 5000
 
 
+def check_tta(tta, suffix: str = "") -> None:
+    """Refuse a ``tta`` that is not one of :data:`TTA` (a bool or a name) in one line."""
+    if not isinstance(tta, (bool, str)) or tta not in TTA:
+        raise ValueError(f"tta={tta!r} is not supported; choose {TTA_CHOICES}{suffix}")
+
+
 def tta_logits(model: nn.Module, images: Tensor, forward: Forward, views: int) -> tuple[Tensor, Tensor]:
     """``(averaged logits [B, classes], plain logits [B, classes])`` of ``images [B, C, H, W]``:
-    ``views`` 1 (the images), 2 (and their mirror) or 6 (half the mirror pair, half the mirror
-    pairs of the images shifted one pixel up-left and down-right with reflect padding)."""
+    ``views`` 1 (the images), 2 (and their mirror), 3 (half the images, half the images shifted one
+    pixel up-left and down-right with reflect padding) or 6 (half the mirror pair, half the mirror
+    pairs of the shifted images)."""
     plain = forward(model, images).float()
     if views == 1:
         return plain, plain
-    pair = 0.5 * (plain + forward(model, images.flip(-1)).float())
-    if views == 2:
-        return pair, plain
     h, w = images.shape[-2:]
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     shifted = torch.cat([padded[..., :h, :w], padded[..., 2:, 2:]])
+    if views == 3:
+        return 0.5 * plain + 0.5 * forward(model, shifted).float().view(2, *plain.shape).mean(0), plain
+    pair = 0.5 * (plain + forward(model, images.flip(-1)).float())
+    if views == 2:
+        return pair, plain
     both = forward(model, torch.cat([shifted, shifted.flip(-1)])).float().view(4, *plain.shape)
     return 0.5 * pair + 0.5 * both.mean(0), plain
 
@@ -47,19 +58,23 @@ class ClassificationTask(Task):
                  class_names: tuple[str, ...] | None = None, tta: bool | str = False) -> None:
         """``head``: options of the classifier head (``bias``, ``dropout``, ``pool``, ``scale``); the
         model builder reads them from the task config and builds the head into ``model``, so they
-        are not used here. ``tta``: test-time augmentation of the test split (``false``, ``flip``,
-        ``true`` = flip and one-pixel shifts); ``metrics.json`` then holds ``test/tta_views`` and
-        the accuracy without it, ``test/acc_plain``."""
+        are not used here. ``tta``: test-time augmentation of the test split (one of :data:`TTA`);
+        ``metrics.json`` then holds ``test/tta_views`` and the accuracy without it,
+        ``test/acc_plain``. :meth:`set_tta` moves it to another split (``evaluate.py tta=...``)."""
         super().__init__()
         check_fraction("label_smoothing", label_smoothing)
-        if tta not in TTA:
-            raise ValueError(f"tta={tta!r} is not supported; choose false, flip or true (flip and one-pixel shifts)")
-        self.tta_views = TTA[tta]
+        self.set_tta(tta, "test")
         self._split = None
         self.model = model
         self.label_smoothing = label_smoothing
         self.num_classes = model.head.fc.out_features if hasattr(model.head, "fc") else None
         self.class_names = tuple(class_names) if class_names else tuple(str(i) for i in range(self.num_classes or 0))
+
+    def set_tta(self, tta: bool | str, split: str) -> None:
+        """Average the views of ``tta`` (one of :data:`TTA`) when ``split`` is evaluated; every other
+        split (validation during training, for one) stays one view."""
+        check_tta(tta)
+        self.tta_views, self.tta_split = TTA[tta], split
 
     @classmethod
     def from_config(cls, cfg, info) -> "ClassificationTask":
@@ -84,7 +99,7 @@ class ClassificationTask(Task):
         """Sums over ``batch``: ``loss`` (summed cross-entropy), ``count`` and ``confusion``
         ``[classes, classes]`` (rows: true class, columns: predicted)."""
         images, labels = batch
-        views = self.tta_views if self._split == "test" else 1
+        views = self.tta_views if self._split == self.tta_split else 1
         logits, plain = tta_logits(self.model, images, forward, views)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         c = logits.shape[1]
@@ -96,7 +111,7 @@ class ClassificationTask(Task):
         return sums
 
     def start_evaluation(self, split: str) -> None:
-        """Test-time augmentation applies to the ``test`` split only (validation stays one view)."""
+        """Test-time augmentation applies to its split only (``test``; validation stays one view)."""
         self._split = split
 
     def summarize(self, sums: Mapping[str, Tensor], split: str) -> dict[str, float]:
