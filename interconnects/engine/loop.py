@@ -23,7 +23,7 @@ from ..config import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_WRITE_FAILED, first_
 from .checkpoint import (FORMAT, VERSION, CheckpointError, check_structure, load_checkpoint,
                          remove_stale_temp_files, rng_state, save_atomic, set_rng_state, write_json_atomic)
 from . import distributed
-from .device import PRECISION, move, resolve_device, resolve_precision
+from .device import PRECISION, cpu_lacks_bf16_units, move, resolve_device, resolve_precision
 from .logger import build_logger
 from .lookahead import Lookahead
 
@@ -180,6 +180,9 @@ class Trainer:
         if self.dtype is torch.float16 and self.device.type == "cpu":
             log.warning("trainer.precision=16 on the CPU: float16 with loss scaling runs slower there than "
                         "trainer.precision=bf16 or 32 (the CPU has few float16 kernels; a grad scaler adds work to every step)")
+        if self.dtype is torch.bfloat16 and self.device.type == "cpu" and cpu_lacks_bf16_units():
+            log.warning("trainer.precision=bf16 on a CPU without bf16 units (no AVX512-BF16 or AMX): its bf16 "
+                        "products are emulated and steps may be many times slower than with trainer.precision=32")
         self.memory_format = torch.channels_last if cfg.get("channels_last") else torch.preserve_format
         self.logger_name, self.resume_hint = logger_name, resume_hint
         self.primary = distributed.is_primary()  # the process that logs and writes files
