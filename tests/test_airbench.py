@@ -142,6 +142,23 @@ def test_cifar10_experiments_compose_and_build(experiment):
     assert (task.model.interconnect is None) == (experiment == "cifar10_baseline")
 
 
+@pytest.mark.parametrize("experiment", ["mnist_airbench_baseline", "mnist_airbench_keypoints"])
+def test_mnist_airbench_experiments_build_for_digits(experiment):
+    """The CIFAR recipe on the digits: one grey channel through the whitening conv, a 6×6 map where the
+    keypoints are chosen, no mirror in training or testing, a validation split to choose on."""
+    cfg = compose([f"experiment={experiment}", "backbone.width=8"])
+    assert cfg.data.name == "mnist" and cfg.data.augment == "affine" and cfg.data.val_fraction == 0.1
+    assert cfg.task.tta is False and cfg.data.batch_size == 1024
+    task = ClassificationTask.from_config(cfg, DataInfo(1, (28, 28), 10, (0.13,), (0.31,)))
+    images = correlated_images(4, 28)[:, :1]
+    fit_to_data(task.model, images, num_train=4)
+    task.model.eval()
+    with torch.no_grad():
+        assert task.model.backbone(images).shape[-2:] == (6, 6)
+        assert task.model(images).shape == (4, 10)
+    assert (task.model.interconnect is None) == (experiment == "mnist_airbench_baseline")
+
+
 def test_tta_averages_the_mirror_and_shifted_views():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     images = torch.randn(5, 3, 8, 8)
