@@ -201,7 +201,7 @@ def test_one_batch_run_records_tta_and_evaluate_rebuilds_the_fitted_network(tmp_
     again = json.loads((out / "metrics.json").read_text())
     assert again["test/acc"] == pytest.approx(metrics["test/acc"]) and again["test/tta_views"] == 6
     assert again["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
-    # tta=... moves the views to the evaluated split (validation here), never changing the checkpoint's own
+    # tta=... moves the views to the evaluated split (validation here); a bad value is refused in one line
     shifts = tmp_path / "eval_val"
     evaluated = run_cli("evaluate.py", f"ckpt_path={run}", "split=val", "tta=shift", f"hydra.run.dir={shifts}")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
