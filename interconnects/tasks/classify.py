@@ -34,14 +34,15 @@ def tta_logits(model: nn.Module, images: Tensor, forward: Forward, views: int) -
     plain = forward(model, images).float()
     if views == 1:
         return plain, plain
+    if views != 3:
+        pair = 0.5 * (plain + forward(model, images.flip(-1)).float())
+        if views == 2:
+            return pair, plain
     h, w = images.shape[-2:]
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     shifted = torch.cat([padded[..., :h, :w], padded[..., 2:, 2:]])
     if views == 3:
         return 0.5 * plain + 0.5 * forward(model, shifted).float().view(2, *plain.shape).mean(0), plain
-    pair = 0.5 * (plain + forward(model, images.flip(-1)).float())
-    if views == 2:
-        return pair, plain
     both = forward(model, torch.cat([shifted, shifted.flip(-1)])).float().view(4, *plain.shape)
     return 0.5 * pair + 0.5 * both.mean(0), plain
 
